@@ -1,0 +1,63 @@
+"""Durable workflows on Celery and Redis.
+
+    from orchestrator import Workflow, START, END, WorkflowRunner
+
+Everything public is exported here; modules starting with `_` are internal.
+"""
+
+from ._agents import EchoAgent
+from ._celery import create_app
+from ._config import Settings
+from ._definition import (
+    END,
+    START,
+    DefinitionError,
+    HumanApproval,
+    Next,
+    Parallel,
+    StepOptions,
+    Wait,
+    Workflow,
+    step,
+)
+from ._engine import ControlError
+from ._records import RunError, RunRecord, RunResult, RunStatus
+from ._reducers import reducer
+from ._runner import RunHandle, WorkflowRunner, local_runtime
+from ._runtime import RunNotFound, UnknownWorkflow
+from ._stores import MemoryStore, RedisStore, RunStore, StoreUnavailable
+
+__all__ = [
+    # defining workflows
+    "END",
+    "START",
+    "DefinitionError",
+    "HumanApproval",
+    "Next",
+    "Parallel",
+    "StepOptions",
+    "Wait",
+    "Workflow",
+    "reducer",
+    "step",
+    "EchoAgent",
+    # running them
+    "WorkflowRunner",
+    "RunHandle",
+    "RunResult",
+    "RunRecord",
+    "RunStatus",
+    "RunError",
+    "Settings",
+    "create_app",
+    "local_runtime",
+    # stores
+    "RunStore",
+    "MemoryStore",
+    "RedisStore",
+    # errors
+    "ControlError",
+    "RunNotFound",
+    "StoreUnavailable",
+    "UnknownWorkflow",
+]

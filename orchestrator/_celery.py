@@ -1,0 +1,113 @@
+"""The Celery app: our settings, one task per step, the join task, the coordinator's sweeper.
+
+Pass the app explicitly (no current-app magic): `create_app(settings, workflows)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from ._config import COORDINATOR_QUEUE, Settings, celery_config
+from ._definition import Workflow
+from ._dispatch.base import JOIN_TASK, branch_task_name, step_task_name
+from ._dispatch.celery import CeleryDispatcher
+from ._runtime import Runtime
+
+log = logging.getLogger("orchestrator.celery")
+
+
+def create_app(
+    settings: Settings | None = None,
+    workflows: Iterable[Workflow] = (),
+    *,
+    import_modules: bool = True,
+) -> Celery:
+    """A Celery app hosting `workflows` plus every workflow found in `settings.workflows`."""
+    settings = settings or Settings.from_env()
+    app = Celery("orchestrator", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    runtime = Runtime(CeleryDispatcher(app), settings)
+    app.orchestrator = runtime  # type: ignore[attr-defined]
+    found = list(workflows)
+    if import_modules:
+        for module in settings.workflows:
+            found += find_workflows(importlib.import_module(module))
+    for wf in found:
+        host(app, wf)
+
+    @app.task(name=JOIN_TASK, queue=COORDINATOR_QUEUE, ignore_result=True)
+    def join(*args: Any) -> None:
+        # A chord body gets the header's results first when it is not immutable.
+        workflow, run_id, token = args[-3:]
+        runtime.join(workflow, run_id, token)
+
+    return app
+
+
+def runtime_of(app: Celery) -> Runtime:
+    runtime: Runtime = app.orchestrator  # type: ignore[attr-defined]
+    return runtime
+
+
+def host(app: Celery, wf: Workflow) -> None:
+    """Register `wf` and its step tasks on `app`."""
+    runtime = runtime_of(app)
+    runtime.register(wf)
+    for step in wf.step_names():
+        name = step_task_name(wf.name, step)
+        if name not in app.tasks:
+            app.task(name=name, ignore_result=True,
+                     queue=wf.step_def(step).options.queue)(_step_body(runtime, wf.name))
+    name = branch_task_name(wf.name)
+    if name not in app.tasks:
+        # Branch results feed the chord counter, so they are stored (and expire).
+        app.task(name=name, ignore_result=False)(_step_body(runtime, wf.name))
+
+
+def _step_body(runtime: Runtime, workflow: str) -> Any:
+    def run(run_id: str, token: int, branch: str | None = None) -> str:
+        return runtime.execute(workflow, run_id, token, branch)
+
+    return run
+
+
+def find_workflows(module: ModuleType) -> list[Workflow]:
+    """Workflows a module defines at top level, and those of its submodules' `__all__`."""
+    found = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    for sub in getattr(module, "__workflow_modules__", ()):
+        found += find_workflows(importlib.import_module(f"{module.__name__}.{sub}"))
+    return found
+
+
+class Sweeper(bootsteps.StartStopStep):
+    """Coordinator duty: fire due timers and re-drive lost work, every sweep_interval."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        runtime = runtime_of(worker.app)
+        interval = runtime.settings.sweep_interval
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    runtime.sweep_all()
+                except Exception:
+                    log.exception("sweep failed")
+
+        self._thread = threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()

@@ -1,0 +1,97 @@
+"""Settings from the environment (ORCHESTRATOR_*), and the Celery configuration they imply.
+
+Secrets (passwords in URLs) come only from the environment; URLs may use rediss:// for TLS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+COORDINATOR_QUEUE = "orchestrator.coordinator"
+DEFAULT_QUEUE = "orchestrator.steps"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob, its environment variable and default (see the README's table)."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None  # defaults to redis_url
+    workflows: tuple[str, ...] = ("workers",)
+    lease_ttl: float = 30.0
+    redispatch_after: float = 60.0
+    join_after: float = 5.0
+    sweep_interval: float = 1.0
+    sweep_batch: int = 500
+    visibility_timeout: int = 3600
+    result_expires: int = 3600
+    retain_seconds: int = 7 * 24 * 3600
+    max_payload: int = 1024 * 1024
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"ORCHESTRATOR_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _parse(f.type, raw)
+            except ValueError:
+                raise ValueError(
+                    f"ORCHESTRATOR_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    if kind.startswith("tuple"):
+        return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if kind.startswith("float"):
+        return float(raw)
+    if kind.startswith("int"):
+        return int(raw)
+    return raw
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """JSON only, late acks, requeue on a lost worker, one message prefetched per process."""
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker,
+        "result_backend": settings.redis_url,  # chord counters only; our store holds results
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_expires": settings.result_expires,
+        "task_default_queue": DEFAULT_QUEUE,
+        "broker_connection_retry_on_startup": True,
+        # Workers that lose the broker link cancel what they prefetched instead of
+        # acking it later into a new connection (celery #8030 / #4354 family).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "redis_backend_health_check_interval": 15,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+    for key, url in (("broker_use_ssl", settings.broker), ("redis_backend_use_ssl",
+                                                            settings.redis_url)):
+        if url.startswith("rediss://"):
+            conf[key] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return conf

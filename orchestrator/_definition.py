@@ -1,0 +1,382 @@
+"""Workflow definitions: the builder, step options and the values a step may return.
+
+Everything here is pure data. A `Workflow` is immutable: every builder method returns a
+new one, and `.flow()` / `.execute()` check the definition when it is built, so a broken
+workflow fails at import time instead of in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+__all__ = [
+    "END",
+    "START",
+    "HumanApproval",
+    "Next",
+    "Parallel",
+    "StepOptions",
+    "Wait",
+    "Workflow",
+    "step",
+]
+
+START = "__start__"
+END = "__end__"
+
+DEFAULT_QUEUE = "orchestrator.steps"
+
+
+class DefinitionError(ValueError):
+    """A workflow definition is malformed; raised when it is built, never at run time."""
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Per-step execution options. Defaults suit a quick, idempotent step."""
+
+    queue: str = DEFAULT_QUEUE
+    retries: int = 0
+    backoff: float = 1.0
+    backoff_factor: float = 2.0
+    max_backoff: float = 300.0
+    timeout: float | None = None
+    output: type[BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise DefinitionError("retries must be >= 0")
+        if self.backoff < 0 or self.backoff_factor < 1 or self.max_backoff < 0:
+            raise DefinitionError("backoff must be >= 0 and backoff_factor >= 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise DefinitionError("timeout must be positive")
+        if not self.queue:
+            raise DefinitionError("queue must be a non-empty string")
+
+    def delay_before(self, attempt: int) -> float:
+        """Backoff before `attempt` (2 is the first retry): exponential, capped."""
+        return float(min(self.max_backoff, self.backoff * self.backoff_factor ** max(0, attempt - 2)))
+
+
+StepFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """A step function with its options; calling it calls the function."""
+
+    fn: StepFn
+    options: StepOptions = StepOptions()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def __name__(self) -> str:  # so Parallel names a wrapped branch by its function
+        return str(getattr(self.fn, "__name__", "step"))
+
+
+def step(
+    fn: StepFn | None = None,
+    *,
+    queue: str = DEFAULT_QUEUE,
+    retries: int = 0,
+    backoff: float = 1.0,
+    backoff_factor: float = 2.0,
+    max_backoff: float = 300.0,
+    timeout: float | None = None,
+    output: type[BaseModel] | None = None,
+) -> Any:
+    """Attach options to a step: `@step(queue="builds", retries=3, timeout=60)`."""
+    options = StepOptions(queue, retries, backoff, backoff_factor, max_backoff, timeout, output)
+
+    def wrap(f: StepFn) -> StepDef:
+        if isinstance(f, StepDef):
+            f = f.fn
+        if not callable(f):
+            raise DefinitionError(f"step must wrap a callable, got {f!r}")
+        return StepDef(f, options)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def as_step(value: Any, name: str) -> StepDef:
+    if isinstance(value, StepDef):
+        return value
+    if isinstance(value, str):  # `START: "Clone"` routes without running code
+        return StepDef(_route_to(value))
+    if not callable(value):
+        raise DefinitionError(f"step {name!r} must be callable, got {type(value).__name__}")
+    return StepDef(value)
+
+
+def _route_to(target: str) -> StepFn:
+    def route(ctx: Any) -> str:
+        return target
+
+    route.__orchestrator_route__ = target  # type: ignore[attr-defined]
+    return route
+
+
+# ---- what a step returns -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Next:
+    """Go to `step` (or END) and record `output` as this step's result."""
+
+    step: str
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class HumanApproval:
+    """A gate that a listed approver must decide."""
+
+    approvers: Sequence[str]
+    min_approvals: int = 1
+    timeout: float | None = None
+    on_timeout: str | None = None
+    on_reject: str | None = None
+    prompt: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        approvers = tuple(self.approvers)
+        if not approvers or not all(isinstance(a, str) and a for a in approvers):
+            raise DefinitionError("HumanApproval needs at least one approver name")
+        object.__setattr__(self, "approvers", approvers)
+        if not 1 <= self.min_approvals <= len(set(approvers)):
+            raise DefinitionError("min_approvals must be between 1 and the number of approvers")
+        if self.timeout is not None and self.timeout <= 0:
+            raise DefinitionError("gate timeout must be positive")
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Park the run until the gate is decided, then continue at `then`."""
+
+    gate: HumanApproval
+    then: str
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a fan-out: an importable function and, for map, its item."""
+
+    name: str
+    ref: str
+    options: StepOptions
+    item: Any = None
+    has_item: bool = False
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Run branches concurrently (a Celery chord), then continue at `then`.
+
+    `Parallel([build_linux, build_mac], "Bundle")` names branches by function name;
+    a dict gives explicit names. `Parallel.map(fn, items, "Next")` fans out over data.
+    """
+
+    branches: Sequence[Branch]
+    then: str
+
+    def __init__(
+        self,
+        steps: Sequence[StepFn | StepDef] | Mapping[str, StepFn | StepDef],
+        then: str,
+    ) -> None:
+        pairs = (
+            list(steps.items())
+            if isinstance(steps, Mapping)
+            else [(getattr(s, "__name__", ""), s) for s in steps]
+        )
+        branches = [_branch(name, fn) for name, fn in pairs]
+        _check_branches(branches)
+        object.__setattr__(self, "branches", tuple(branches))
+        object.__setattr__(self, "then", then)
+
+    @classmethod
+    def map(cls, fn: StepFn | StepDef, items: Iterable[Any], then: str) -> Parallel:
+        base = _branch(getattr(fn, "__name__", "branch"), fn)
+        branches = [
+            dataclasses.replace(base, name=f"{base.name}[{i}]", item=item, has_item=True)
+            for i, item in enumerate(items)
+        ]
+        try:
+            json.dumps([b.item for b in branches])
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"Parallel.map items must be JSON-serializable: {exc}") from None
+        self = object.__new__(cls)
+        object.__setattr__(self, "branches", tuple(branches))
+        object.__setattr__(self, "then", then)
+        return self
+
+
+def _branch(name: str, fn: StepFn | StepDef) -> Branch:
+    sd = fn if isinstance(fn, StepDef) else as_step(fn, name)
+    return Branch(name=name, ref=function_ref(sd.fn), options=sd.options)
+
+
+def _check_branches(branches: list[Branch]) -> None:
+    names = [b.name for b in branches]
+    if not names:
+        raise DefinitionError("Parallel needs at least one branch")
+    if any(not n for n in names):
+        raise DefinitionError("every Parallel branch needs a name")
+    if len(set(names)) != len(names):
+        raise DefinitionError(f"Parallel branch names must be unique, got {names}")
+
+
+def function_ref(fn: StepFn) -> str:
+    """'module:qualname' for a module-level function, so any worker can import it."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<" in qualname:
+        raise DefinitionError(
+            f"parallel branch {fn!r} must be a module-level function (workers import it by name)"
+        )
+    return f"{module}:{qualname}"
+
+
+def resolve_ref(ref: str) -> StepDef:
+    module, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, StepDef) else StepDef(obj)
+
+
+# ---- the workflow builder -----------------------------------------------------------
+
+
+class _Empty(BaseModel):
+    pass
+
+
+@dataclass(frozen=True)
+class Persistence:
+    enabled: bool = True
+    store: Literal["redis", "memory"] = "redis"
+    key_prefix: str = "orchestrator:"
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A named workflow: `Workflow("Deploy", "...").input(In).state(S).flow({...})`."""
+
+    name: str
+    description: str = ""
+    input_model: type[BaseModel] = _Empty
+    state_model: type[BaseModel] = _Empty
+    steps: Mapping[str, StepDef] = field(default_factory=dict)
+    executor: StepDef | None = None
+    persistence_options: Persistence = Persistence()
+    agent_factories: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise DefinitionError(f"workflow name must be an identifier, got {self.name!r}")
+
+    def input(self, model: type[BaseModel]) -> Workflow:
+        return dataclasses.replace(self, input_model=_model(model, "input"))
+
+    def state(self, model: type[BaseModel]) -> Workflow:
+        model = _model(model, "state")
+        try:
+            model()
+        except Exception as exc:
+            raise DefinitionError(
+                f"state model {model.__name__} needs a default for every field: {exc}"
+            ) from None
+        return dataclasses.replace(self, state_model=model)
+
+    def flow(self, steps: Mapping[str, Any]) -> Workflow:
+        if self.executor is not None:
+            raise DefinitionError(f"{self.name}: a workflow has either .flow() or .execute()")
+        if START not in steps:
+            raise DefinitionError(f"{self.name}: .flow() needs a START step")
+        built: dict[str, StepDef] = {}
+        for name, fn in steps.items():
+            if not isinstance(name, str) or not name:
+                raise DefinitionError(f"{self.name}: step names must be strings, got {name!r}")
+            if name == END:
+                raise DefinitionError(f"{self.name}: END is a target, not a step")
+            built[name] = as_step(fn, name)
+        for name, sd in built.items():
+            target = getattr(sd.fn, "__orchestrator_route__", None)
+            if target is not None and target != END and target not in built:
+                raise DefinitionError(f"{self.name}: step {name!r} routes to unknown {target!r}")
+        return dataclasses.replace(self, steps=built)
+
+    def execute(self, fn: Any) -> Workflow:
+        if self.steps:
+            raise DefinitionError(f"{self.name}: a workflow has either .flow() or .execute()")
+        return dataclasses.replace(self, executor=as_step(fn, "execute"))
+
+    def persistence(
+        self, enabled: bool = True, store: Literal["redis", "memory"] = "redis",
+        key_prefix: str = "orchestrator:",
+    ) -> Workflow:
+        if store not in ("redis", "memory"):
+            raise DefinitionError(f"unknown store {store!r}: use 'redis' or 'memory'")
+        return dataclasses.replace(self, persistence_options=Persistence(enabled, store, key_prefix))
+
+    def agents(self, factories: Mapping[str, Callable[..., Any]]) -> Workflow:
+        for name, factory in factories.items():
+            if not name.isidentifier() or not callable(factory):
+                raise DefinitionError(f"agent {name!r} needs an identifier name and a factory")
+        return dataclasses.replace(self, agent_factories=dict(factories))
+
+    # ---- derived views ---------------------------------------------------------------
+
+    @property
+    def is_imperative(self) -> bool:
+        return self.executor is not None
+
+    def check_complete(self) -> None:
+        if not self.steps and self.executor is None:
+            raise DefinitionError(f"{self.name}: define .flow({{...}}) or .execute(fn)")
+
+    def step_def(self, name: str) -> StepDef:
+        if self.executor is not None and name == START:
+            return self.executor
+        return self.steps[name]
+
+    def step_names(self) -> list[str]:
+        return [START] if self.executor is not None else list(self.steps)
+
+    def queues(self) -> dict[str, str]:
+        return {name: self.step_def(name).options.queue for name in self.step_names()}
+
+    @property
+    def version(self) -> str:
+        """A content hash of the definition's shape: changes when steps or schemas change."""
+        shape = {
+            "steps": {n: _fn_source_id(self.step_def(n).fn) for n in self.step_names()},
+            "input": self.input_model.model_json_schema(),
+            "state": self.state_model.model_json_schema(),
+        }
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _fn_source_id(fn: StepFn) -> str:
+    try:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:12]
+    except (OSError, TypeError):
+        return getattr(fn, "__qualname__", repr(fn))
+
+
+def _model(model: Any, what: str) -> type[BaseModel]:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise DefinitionError(f".{what}() takes a pydantic BaseModel class, got {model!r}")
+    return model

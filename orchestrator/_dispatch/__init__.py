@@ -1,0 +1,1 @@
+"""Dispatchers: one interface, one module per transport."""

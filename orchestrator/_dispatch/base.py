@@ -1,0 +1,29 @@
+"""The Dispatcher port: carry out the engine's commands (send a task, a fork, a revoke)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from .._engine import Command
+
+
+class Dispatcher(abc.ABC):
+    @abc.abstractmethod
+    def send(self, commands: Sequence[Command]) -> None:
+        """Send every command; called after the decision that produced them is committed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work."""
+
+
+def step_task_name(workflow: str, step: str) -> str:
+    """`<Workflow>.<Step>`, the name Flower shows; START shows as `<Workflow>.START`."""
+    return f"{workflow}.{'START' if step == '__start__' else step}"
+
+
+def branch_task_name(workflow: str) -> str:
+    return f"{workflow}.branch"
+
+
+JOIN_TASK = "orchestrator.join"

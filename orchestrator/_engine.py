@@ -1,0 +1,681 @@
+"""The engine: (run record, event) -> (new record, commands). Pure: no I/O, no clocks.
+
+Every rule about what happens next lives here: a step's transition, retries, gates,
+fan-out and join, pause, resume, stop and the recovery sweep's timers. Callers pass the
+time in the event, gather facts (which leases are alive) before calling, and carry out
+the commands after committing the new record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._records import (
+    Approval,
+    BranchState,
+    Fork,
+    FlowSpec,
+    Gate,
+    RunError,
+    RunRecord,
+    RunStatus,
+    StepSpec,
+    Task,
+)
+
+START = "__start__"
+END = "__end__"
+
+
+class ControlError(RuntimeError):
+    """A control request that does not apply to the run as it is (finished, no gate...)."""
+
+
+# ---- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    approvers: tuple[str, ...]
+    then: str
+    min_approvals: int = 1
+    timeout: float | None = None
+    on_timeout: str | None = None
+    on_reject: str | None = None
+    prompt: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    name: str
+    ref: str
+    queue: str
+    timeout: float | None = None
+    retries: int = 0
+    backoff: float = 1.0
+    item: Any = None
+    has_item: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A step's transition, already reduced to data by the executor."""
+
+    kind: Literal["goto", "wait", "parallel"]
+    target: str = END
+    output: Any = None
+    has_output: bool = False
+    gate: GateSpec | None = None
+    branches: tuple[BranchSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepDone:
+    token: int
+    now: float
+    state_patch: dict[str, Any]
+    outcome: Outcome
+    branch: str | None = None
+    notes: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    token: int
+    now: float
+    error: RunError
+    retryable: bool = True
+    branch: str | None = None
+    attempt: int = 0  # a failure of an older attempt than the current one is stale
+    notes: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    token: int
+    now: float
+    state_patch: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pause:
+    now: float
+
+
+@dataclass(frozen=True)
+class Resume:
+    now: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    now: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Decide:
+    now: float
+    approve: bool
+    by: str
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class Join:
+    token: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The sweep looks at a run: fire due timers, re-drive lost work."""
+
+    now: float
+    live_tasks: frozenset[str] = frozenset()
+    redispatch_after: float = 60.0
+    join_after: float = 5.0
+
+
+Event = StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
+
+
+# ---- commands -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendTask:
+    run_id: str
+    workflow: str
+    task: Task
+
+
+@dataclass(frozen=True)
+class SendFork:
+    """Send the branches as one chord whose body joins at `token`."""
+
+    run_id: str
+    workflow: str
+    token: int
+    tasks: tuple[Task, ...]
+
+
+@dataclass(frozen=True)
+class Revoke:
+    task_ids: tuple[str, ...]
+
+
+Command = SendTask | SendFork | Revoke
+
+
+@dataclass
+class Decision:
+    record: RunRecord | None
+    commands: list[Command] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    ignored: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.record is not None
+
+
+def _ignore(reason: str) -> Decision:
+    return Decision(None, ignored=reason)
+
+
+# ---- entry points ---------------------------------------------------------------------
+
+
+def start(
+    spec: FlowSpec, run_id: str, input: dict[str, Any], state: dict[str, Any], now: float
+) -> Decision:
+    """A new run, with its first step dispatched."""
+    rec = RunRecord(
+        run_id=run_id, workflow=spec.workflow, version=spec.version, status=RunStatus.RUNNING,
+        input=input, state=state, created_at=now, updated_at=now,
+    )
+    d = Decision(rec)
+    _log(d, now, "started", workflow=spec.workflow, version=spec.version)
+    _goto(d, spec, START, now)
+    return d
+
+
+def apply(record: RunRecord, event: Event, spec: FlowSpec | None = None) -> Decision:
+    """Decide what `event` does to `record`. The input record is never mutated."""
+    rec = record.model_copy(deep=True)
+    handler = _HANDLERS[type(event)]
+    d: Decision = handler(rec, event, spec)
+    if d.record is not None and isinstance(event, StepDone | StepFailed):
+        d.history[:0] = [{"at": event.now, **n} for n in event.notes]
+    if d.record is not None:
+        d.record.updated_at = max(d.record.updated_at, getattr(event, "now", 0.0))
+        _settle(d.record)
+    return d
+
+
+def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> float | None:
+    """When the sweep must next look at this run if nothing else happens (None: never)."""
+    if rec.status.is_terminal:
+        return None
+    times: list[float] = []
+    if rec.gate is not None and rec.gate.timeout_at is not None:
+        times.append(rec.gate.timeout_at)
+    if rec.task is not None:
+        if rec.task.dispatched_at is None:
+            if not rec.paused:
+                times.append(rec.task.due_at)
+        else:
+            times.append(rec.task.dispatched_at + redispatch_after)
+    if rec.fork is not None:
+        if rec.fork.complete and rec.fork.completed_at is not None:
+            times.append(rec.fork.completed_at + join_after)
+        for b in rec.fork.branches.values():
+            if b.done:
+                continue
+            if b.task.dispatched_at is not None:
+                times.append(b.task.dispatched_at + redispatch_after)
+            elif not rec.paused:
+                times.append(b.task.due_at)
+    return min(times) if times else None
+
+
+def live_tasks(rec: RunRecord) -> list[Task]:
+    """Tasks dispatched and unfinished: what a stop revokes, what holds leases."""
+    tasks = []
+    if rec.task is not None and rec.task.dispatched_at is not None:
+        tasks.append(rec.task)
+    if rec.fork is not None:
+        tasks += [b.task for b in rec.fork.branches.values()
+                  if not b.done and b.task.dispatched_at is not None]
+    return tasks
+
+
+def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
+    """Whether a worker holding (token, branch) should run: the run still waits for it."""
+    if rec.status.is_terminal:
+        return False
+    if branch is None:
+        return rec.task is not None and rec.task.token == token
+    return (
+        rec.fork is not None and rec.fork.token == token
+        and branch in rec.fork.branches and not rec.fork.branches[branch].done
+    )
+
+
+# ---- handlers -------------------------------------------------------------------------
+
+
+def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decision:
+    if not expects(rec, ev.token, ev.branch):
+        return _ignore(f"stale completion for token {ev.token}")
+    if ev.branch is not None:
+        return _on_branch_done(rec, ev, spec)
+    assert rec.task is not None
+    spec = _need(spec)
+    step = rec.task.step
+    d = Decision(rec)
+    rec.task = None
+    rec.state = {**rec.state, **ev.state_patch}
+    out = ev.outcome
+    if out.has_output:
+        rec.step_results[step] = out.output
+    _log(d, ev.now, "step_completed", step=step, next=_label(out))
+    if out.kind == "goto":
+        if out.target == END:
+            rec.status, rec.output, rec.current_step = RunStatus.COMPLETED, out.output, None
+            _log(d, ev.now, "completed")
+            return d
+        if out.target not in spec.steps or out.target == START:
+            return _fail(d, ev.now, step, "UnknownStep",
+                         f"step {step!r} returned {out.target!r}, which is not a step; "
+                         f"valid: {_choices(spec)}")
+        _goto(d, spec, out.target, ev.now)
+    elif out.kind == "wait":
+        assert out.gate is not None
+        bad = [t for t in (out.gate.then, out.gate.on_reject, out.gate.on_timeout)
+               if t is not None and t not in spec.steps]
+        if bad:
+            return _fail(d, ev.now, step, "UnknownStep",
+                         f"step {step!r} waits for {bad[0]!r}, which is not a step; "
+                         f"valid: {_choices(spec)}")
+        _open_gate(d, spec, step, out.gate, ev.now)
+    else:
+        if out.target not in spec.steps:
+            return _fail(d, ev.now, step, "UnknownStep",
+                         f"step {step!r} gathers at {out.target!r}, which is not a step; "
+                         f"valid: {_choices(spec)}")
+        _fork(d, spec, step, out, ev.now)
+    return d
+
+
+def _on_branch_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decision:
+    assert rec.fork is not None and ev.branch is not None
+    d = Decision(rec)
+    b = rec.fork.branches[ev.branch]
+    b.done, b.output, b.state_patch, b.finished_at = True, ev.outcome.output, ev.state_patch, ev.now
+    _log(d, ev.now, "branch_completed", step=rec.fork.step, branch=ev.branch)
+    if rec.fork.complete:
+        rec.fork.completed_at = ev.now
+        # A retried or re-driven branch is not part of the chord that was sent, so the
+        # chord's join already came and went: this completion joins by itself.
+        if b.task.attempt > 1:
+            return _join(d, _need(spec), ev.now)
+    return d
+
+
+def _on_step_failed(rec: RunRecord, ev: StepFailed, spec: FlowSpec | None) -> Decision:
+    if not expects(rec, ev.token, ev.branch):
+        return _ignore(f"stale failure for token {ev.token}")
+    d = Decision(rec)
+    task = rec.task if ev.branch is None else rec.fork.branches[ev.branch].task  # type: ignore[union-attr]
+    assert task is not None
+    if ev.attempt and ev.attempt != task.attempt:
+        return _ignore(f"failure of attempt {ev.attempt}, now at attempt {task.attempt}")
+    where = task.step if ev.branch is None else f"{task.step}[{ev.branch}]"
+    options = _step_options(spec, task)
+    if ev.retryable and options is not None and task.attempt <= options.retries:
+        delay = options.delay_before(task.attempt + 1)
+        retry = task.model_copy(update={
+            "attempt": task.attempt + 1, "due_at": ev.now + delay, "dispatched_at": None,
+        })
+        if ev.branch is None:
+            rec.task = retry
+        else:
+            rec.fork.branches[ev.branch].task = retry  # type: ignore[union-attr]
+        _log(d, ev.now, "step_retrying", step=where, attempt=retry.attempt, delay=delay,
+             error=str(ev.error))
+        _dispatch_if_due(d, retry, ev.now)
+        return d
+    error = ev.error.model_copy(update={"step": where})
+    return _fail_with(d, ev.now, error)
+
+
+def _on_checkpoint(rec: RunRecord, ev: Checkpoint, spec: FlowSpec | None) -> Decision:
+    if not expects(rec, ev.token, None):
+        return _ignore(f"stale checkpoint for token {ev.token}")
+    rec.state = {**rec.state, **ev.state_patch}
+    d = Decision(rec)
+    _log(d, ev.now, "state_checkpoint", keys=sorted(ev.state_patch))
+    return d
+
+
+def _on_pause(rec: RunRecord, ev: Pause, spec: FlowSpec | None) -> Decision:
+    _require_active(rec, "pause")
+    if rec.paused:
+        return _ignore("already paused")
+    rec.paused = True
+    d = Decision(rec)
+    _log(d, ev.now, "paused")
+    return d
+
+
+def _on_resume(rec: RunRecord, ev: Resume, spec: FlowSpec | None) -> Decision:
+    _require_active(rec, "resume")
+    if not rec.paused:
+        return _ignore("not paused")
+    rec.paused = False
+    d = Decision(rec)
+    _log(d, ev.now, "resumed")
+    if rec.task is not None and rec.task.dispatched_at is None:
+        _dispatch_if_due(d, rec.task, ev.now)
+    if rec.fork is not None:
+        _send_fork(d, ev.now)
+    return d
+
+
+def _on_stop(rec: RunRecord, ev: Stop, spec: FlowSpec | None) -> Decision:
+    _require_active(rec, "stop")
+    d = Decision(rec)
+    live = live_tasks(rec)
+    if live:
+        d.commands.append(Revoke(tuple(celery_task_id(rec.run_id, t) for t in live)))
+    rec.status, rec.task, rec.fork, rec.gate = RunStatus.STOPPED, None, None, None
+    _log(d, ev.now, "stopped", reason=ev.reason)
+    return d
+
+
+def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
+    _require_active(rec, "approve" if ev.approve else "reject")
+    gate = rec.gate
+    if gate is None:
+        raise ControlError(f"run {rec.run_id} has no gate waiting for a decision")
+    if ev.by not in gate.approvers:
+        raise PermissionError(
+            f"{ev.by!r} may not decide the gate at {gate.step!r}; approvers: {gate.approvers}")
+    d = Decision(rec)
+    if not ev.approve:
+        rec.gate = None
+        rec.step_results[gate.step] = _decision_result(gate, "rejected", ev)
+        _log(d, ev.now, "gate_rejected", step=gate.step, by=ev.by, reason=ev.comment)
+        if gate.on_reject is None:
+            return _fail(d, ev.now, gate.step, "GateRejected",
+                         f"rejected by {ev.by}: {ev.comment or 'no reason given'}")
+        _schedule_step(d, gate.on_reject, gate.on_reject_queue or "", ev.now)
+        return d
+    if any(a.by == ev.by for a in gate.approvals):
+        return _ignore(f"{ev.by} already approved")
+    gate.approvals.append(Approval(by=ev.by, at=ev.now, comment=ev.comment))
+    _log(d, ev.now, "gate_approved", step=gate.step, by=ev.by, comment=ev.comment,
+         approvals=len(gate.approvals), needed=gate.min_approvals)
+    if len(gate.approvals) >= gate.min_approvals:
+        rec.gate = None
+        rec.step_results[gate.step] = _decision_result(gate, "approved", ev)
+        _schedule_step(d, gate.then, gate.then_queue, ev.now)
+    return d
+
+
+def _on_join(rec: RunRecord, ev: Join, spec: FlowSpec | None) -> Decision:
+    if rec.status.is_terminal or rec.fork is None or rec.fork.token != ev.token:
+        return _ignore(f"no fork waiting at token {ev.token}")
+    if not rec.fork.complete:
+        return _ignore("join before every branch finished")
+    return _join(Decision(rec), _need(spec), ev.now)
+
+
+def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
+    if rec.status.is_terminal:
+        return _ignore("finished")
+    d = Decision(rec)
+    gate = rec.gate
+    if gate is not None and gate.timeout_at is not None and gate.timeout_at <= ev.now:
+        rec.gate = None
+        rec.step_results[gate.step] = {"decision": "timed_out", "at": ev.now}
+        _log(d, ev.now, "gate_timed_out", step=gate.step)
+        if gate.on_timeout is None:
+            return _fail(d, ev.now, gate.step, "GateTimeout",
+                         f"no decision at {gate.step!r} before its timeout")
+        _schedule_step(d, gate.on_timeout, gate.on_timeout_queue or "", ev.now)
+    if rec.task is not None:
+        _revive(d, rec.task, ev)
+    if rec.fork is not None:
+        fork = rec.fork
+        if fork.complete and fork.completed_at is not None:
+            if ev.now - fork.completed_at >= ev.join_after:
+                _log(d, ev.now, "join_redriven", step=fork.step)
+                return _join(d, _need(spec), ev.now)
+        elif all(b.task.dispatched_at is None for b in fork.branches.values()):
+            _send_fork(d, ev.now)
+        else:
+            for b in fork.branches.values():
+                if not b.done:
+                    _revive(d, b.task, ev)
+    return d if (d.commands or d.history) else _ignore("nothing due")
+
+
+_HANDLERS: dict[type, Any] = {
+    StepDone: _on_step_done, StepFailed: _on_step_failed, Checkpoint: _on_checkpoint,
+    Pause: _on_pause, Resume: _on_resume, Stop: _on_stop, Decide: _on_decide, Join: _on_join,
+    Tick: _on_tick,
+}
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _revive(d: Decision, task: Task, ev: Tick) -> None:
+    """Send a due timer, or resend work whose worker vanished without finishing."""
+    if task.dispatched_at is None:
+        _dispatch_if_due(d, task, ev.now)
+        return
+    if task.lease_id in ev.live_tasks or ev.now - task.dispatched_at < ev.redispatch_after:
+        return
+    lost = task.task_id
+    task.attempt += 1
+    task.dispatched_at = None
+    _log(d, ev.now, "step_redispatched", step=task.step, branch=task.branch, lost=lost,
+         attempt=task.attempt)
+    _dispatch_if_due(d, task, ev.now)
+
+
+def _goto(d: Decision, spec: FlowSpec, step: str, now: float) -> None:
+    _schedule_step(d, step, spec.steps[step].queue, now, spec.steps[step].timeout)
+
+
+def _schedule_step(
+    d: Decision, step: str, queue: str, now: float, timeout: float | None = None
+) -> None:
+    rec = _rec(d)
+    rec.current_step = step
+    rec.task = Task(step=step, token=_next_token(rec), queue=queue, timeout=timeout, due_at=now)
+    _dispatch_if_due(d, rec.task, now)
+
+
+def _dispatch_if_due(d: Decision, task: Task, now: float) -> None:
+    rec = _rec(d)
+    if rec.paused or task.due_at > now:
+        return
+    task.dispatched_at = now
+    d.commands.append(SendTask(rec.run_id, rec.workflow, task.model_copy()))
+
+
+def _open_gate(d: Decision, spec: FlowSpec, step: str, g: GateSpec, now: float) -> None:
+    rec = _rec(d)
+    rec.current_step = step
+    rec.gate = Gate(
+        step=step, token=_next_token(rec), approvers=list(g.approvers),
+        min_approvals=g.min_approvals, then=g.then, then_queue=spec.steps[g.then].queue,
+        on_reject=g.on_reject,
+        on_reject_queue=spec.steps[g.on_reject].queue if g.on_reject else None,
+        on_timeout=g.on_timeout,
+        on_timeout_queue=spec.steps[g.on_timeout].queue if g.on_timeout else None,
+        timeout_at=now + g.timeout if g.timeout else None,
+        prompt=g.prompt, payload=dict(g.payload), opened_at=now,
+    )
+    _log(d, now, "gate_opened", step=step, approvers=list(g.approvers))
+
+
+def _fork(d: Decision, spec: FlowSpec, step: str, out: Outcome, now: float) -> None:
+    rec = _rec(d)
+    token = _next_token(rec)
+    rec.current_step = step
+    rec.fork = Fork(
+        step=step, token=token, then=out.target, then_queue=spec.steps[out.target].queue,
+        base_state=dict(rec.state),
+        branches={
+            b.name: BranchState(task=Task(
+                step=step, token=token, queue=b.queue, branch=b.name, ref=b.ref,
+                item=b.item, has_item=b.has_item, timeout=b.timeout, retries=b.retries,
+                backoff=b.backoff, due_at=now))
+            for b in out.branches
+        },
+    )
+    _log(d, now, "forked", step=step, branches=[b.name for b in out.branches])
+    _send_fork(d, now)
+
+
+def _send_fork(d: Decision, now: float) -> None:
+    rec = _rec(d)
+    fork = rec.fork
+    if rec.paused or fork is None:
+        return
+    pending = [b.task for b in fork.branches.values() if b.task.dispatched_at is None]
+    if not pending:
+        return
+    for t in pending:
+        t.dispatched_at = now
+    d.commands.append(SendFork(rec.run_id, rec.workflow, fork.token,
+                               tuple(t.model_copy() for t in pending)))
+
+
+def _join(d: Decision, spec: FlowSpec, now: float) -> Decision:
+    rec = _rec(d)
+    fork = rec.fork
+    assert fork is not None
+    merged = dict(fork.base_state)
+    writers: dict[str, list[str]] = {}
+    for name, b in fork.branches.items():
+        for key in b.state_patch:
+            writers.setdefault(key, []).append(name)
+    for key, names in writers.items():
+        reducer = spec.reducers.get(key)
+        if len(names) > 1 and reducer is None:
+            rec.fork = None
+            return _fail(d, now, fork.step, "StateConflict",
+                         f"branches {names} all wrote state key {key!r}; declare a reducer "
+                         f"for it in the state model to combine them")
+        if reducer is None:
+            merged[key] = fork.branches[names[0]].state_patch[key]
+        else:
+            value = merged.get(key)
+            for n in names:
+                value = reducer(value, fork.branches[n].state_patch[key])
+            merged[key] = value
+    rec.state = merged
+    mapped: dict[str, list[Any]] = {}
+    for name, b in fork.branches.items():
+        if b.task.has_item:
+            mapped.setdefault(name.rsplit("[", 1)[0], []).append(b.output)
+        else:
+            rec.step_results[name] = b.output
+    rec.step_results.update(mapped)
+    rec.fork = None
+    _log(d, now, "joined", step=fork.step, next=fork.then)
+    _schedule_step(d, fork.then, fork.then_queue, now, spec.steps[fork.then].timeout)
+    return d
+
+
+def _fail(d: Decision, now: float, step: str | None, kind: str, message: str) -> Decision:
+    return _fail_with(d, now, RunError(step=step, type=kind, message=message))
+
+
+def _fail_with(d: Decision, now: float, error: RunError) -> Decision:
+    rec = _rec(d)
+    live = [t for t in live_tasks(rec) if t is not rec.task]
+    if live:  # siblings of a failed branch must not keep running
+        d.commands.append(Revoke(tuple(celery_task_id(rec.run_id, t) for t in live)))
+    rec.status, rec.error, rec.task, rec.fork, rec.gate = RunStatus.FAILED, error, None, None, None
+    _log(d, now, "failed", step=error.step, error=str(error))
+    return d
+
+
+def _settle(rec: RunRecord) -> None:
+    """Derive the visible status from what the run holds."""
+    if rec.status.is_terminal:
+        rec.paused = False
+        return
+    if rec.paused:
+        rec.status = RunStatus.PAUSED
+    elif rec.gate is not None:
+        rec.status = RunStatus.WAITING
+    else:
+        rec.status = RunStatus.RUNNING
+
+
+def _require_active(rec: RunRecord, action: str) -> None:
+    if rec.status.is_terminal:
+        raise ControlError(f"cannot {action} run {rec.run_id}: it is {rec.status.value}")
+
+
+def _decision_result(gate: Gate, decision: str, ev: Decide) -> dict[str, Any]:
+    approvals = [a.model_dump() for a in gate.approvals]
+    if decision == "rejected":
+        return {"decision": decision, "by": ev.by, "at": ev.now, "reason": ev.comment,
+                "approvals": approvals}
+    return {"decision": decision, "by": ev.by, "at": ev.now, "comment": ev.comment,
+            "approvals": approvals}
+
+
+def _step_options(spec: FlowSpec | None, task: Task) -> StepSpec | None:
+    if task.branch is not None:
+        return StepSpec(queue=task.queue, retries=task.retries, backoff=task.backoff)
+    return spec.steps.get(task.step) if spec else None
+
+
+def _next_token(rec: RunRecord) -> int:
+    rec.seq += 1
+    return rec.seq
+
+
+def celery_task_id(run_id: str, task: Task) -> str:
+    """Deterministic message id: Flower shows the run, revoke finds the message."""
+    return f"{run_id}:{task.task_id}"
+
+
+def _need(spec: FlowSpec | None) -> FlowSpec:
+    if spec is None:
+        raise ControlError("this transition needs the workflow definition")
+    return spec
+
+
+def _rec(d: Decision) -> RunRecord:
+    assert d.record is not None
+    return d.record
+
+
+def _choices(spec: FlowSpec) -> list[str]:
+    return [s for s in spec.steps if s != START] + ["END"]
+
+
+def _label(out: Outcome) -> str:
+    if out.kind == "goto":
+        return "END" if out.target == END else out.target
+    return f"{out.kind}->{out.target if out.kind == 'parallel' else out.gate.then}"  # type: ignore[union-attr]
+
+
+def _log(d: Decision, now: float, event: str, **detail: Any) -> None:
+    entry = {"at": now, "event": event}
+    entry.update({k: v for k, v in detail.items() if v is not None})
+    d.history.append(entry)

@@ -1,0 +1,191 @@
+"""Run one task's user code and turn what happened into an engine event.
+
+This is the only place user step code is called. It builds the context, runs the function
+(sync or async, with its timeout), closes agents the step left open, and reduces the
+return value to data: a transition, an output and a state patch, or a failure that says
+whether retrying could help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ._agents import AgentBox
+from ._context import StepContext, StepResults
+from ._definition import END, Next, Parallel, StepDef, Wait, Workflow, resolve_ref
+from ._engine import BranchSpec, GateSpec, Outcome, StepDone, StepFailed
+from ._records import RunError, RunRecord, Task
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+class StepTimeout(TimeoutError):
+    pass
+
+
+class _BadResult(Exception):
+    """The step returned something the runtime cannot use; retrying will not help."""
+
+
+def run_task(
+    wf: Workflow,
+    rec: RunRecord,
+    task: Task,
+    *,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> StepDone | StepFailed:
+    where = task.step if task.branch is None else f"{task.step}[{task.branch}]"
+    agents = AgentBox(wf.agent_factories)
+    notes: list[dict[str, Any]] = []
+    try:
+        step_def = resolve_ref(task.ref) if task.ref else wf.step_def(task.step)
+        base_state = rec.fork.base_state if task.branch is not None and rec.fork else rec.state
+        ctx = StepContext(
+            run_id=rec.run_id, step=where, attempt=task.attempt, token=task.token,
+            input=wf.input_model.model_validate(rec.input), state_model=wf.state_model,
+            state=base_state, step_results=StepResults(rec.step_results, _output_models(wf)),
+            agents=agents, item=task.item, branch=task.branch,
+            on_checkpoint=on_checkpoint if wf.is_imperative else None,
+        )
+        try:
+            returned = _call(step_def, ctx, task.timeout)
+        finally:
+            notes = agents.close_leftovers()
+        if task.branch is not None or wf.is_imperative:
+            outcome = Outcome("goto", END, _output(returned, step_def, max_payload), True)
+        else:
+            outcome = _outcome(returned, step_def, wf, max_payload)
+        patch = ctx.state_patch
+        _check_size(patch, max_payload, "state change")
+        return StepDone(task.token, 0.0, patch, outcome, task.branch, tuple(notes))
+    except _BadResult as exc:
+        return _failed(task, where, exc, notes, retryable=False)
+    except Exception as exc:
+        return _failed(task, where, exc, notes, retryable=True)
+
+
+def _failed(
+    task: Task, where: str, exc: BaseException, notes: list[dict[str, Any]], retryable: bool
+) -> StepFailed:
+    cause = exc.__cause__ if isinstance(exc, _BadResult) and exc.__cause__ else exc
+    error = RunError(
+        step=where,
+        type=type(cause).__name__ if not isinstance(exc, _BadResult) else "InvalidStepResult",
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+    return StepFailed(task.token, 0.0, error, retryable, task.branch, task.attempt, tuple(notes))
+
+
+def _call(step_def: StepDef, ctx: StepContext, timeout: float | None) -> Any:
+    fn = step_def.fn
+    if inspect.iscoroutinefunction(fn):
+        return _run_coroutine(fn(ctx), timeout)
+    if timeout is None:
+        result = fn(ctx)
+    else:
+        result = _call_with_timeout(fn, ctx, timeout)
+    if inspect.isawaitable(result):
+        return _run_coroutine(result, timeout)
+    return result
+
+
+def _run_coroutine(coro: Any, timeout: float | None) -> Any:
+    async def bounded() -> Any:
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except TimeoutError:
+            raise StepTimeout(f"step timed out after {timeout}s") from None
+
+    return asyncio.run(bounded())
+
+
+def _call_with_timeout(fn: Callable[[Any], Any], ctx: StepContext, timeout: float) -> Any:
+    """Run a sync step in a helper thread; past the timeout the step fails (on Celery the
+    task's soft time limit also interrupts the code; in-process the thread is abandoned)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(ctx)
+        except BaseException as exc:  # re-raised in the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name=f"step-{ctx.step}")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise StepTimeout(f"step timed out after {timeout}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -> Outcome:
+    if isinstance(returned, str):
+        return Outcome("goto", returned)
+    if isinstance(returned, Next):
+        output = _output(returned.output, step_def, max_payload)
+        return Outcome("goto", returned.step, output, True)
+    if isinstance(returned, Wait):
+        g = returned.gate
+        gate = GateSpec(
+            approvers=tuple(g.approvers), then=returned.then, min_approvals=g.min_approvals,
+            timeout=g.timeout, on_timeout=g.on_timeout, on_reject=g.on_reject, prompt=g.prompt,
+            payload=_jsonable(dict(g.payload), "gate payload"),
+        )
+        return Outcome("wait", returned.then, gate=gate)
+    if isinstance(returned, Parallel):
+        branches = tuple(
+            BranchSpec(
+                name=b.name, ref=b.ref, queue=b.options.queue, timeout=b.options.timeout,
+                retries=b.options.retries, backoff=b.options.backoff, item=b.item,
+                has_item=b.has_item)
+            for b in returned.branches
+        )
+        return Outcome("parallel", returned.then, branches=branches)
+    raise _BadResult(
+        f"returned {type(returned).__name__} {returned!r:.80}; a step returns a step name, "
+        f"END, Next(step, output=...), Wait(...) or Parallel(...)"
+    )
+
+
+def _output(value: Any, step_def: StepDef, max_payload: int) -> Any:
+    model = step_def.options.output
+    try:
+        if model is not None:
+            value = model.model_validate(
+                value.model_dump() if isinstance(value, BaseModel) else value)
+    except ValidationError as exc:
+        raise _BadResult(f"output does not match {model.__name__}: {exc}") from exc  # type: ignore[union-attr]
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    value = _jsonable(value, "output")
+    _check_size(value, max_payload, "output")
+    return value
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise _BadResult(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def _check_size(value: Any, limit: int, what: str) -> None:
+    size = len(json.dumps(value))
+    if size > limit:
+        raise _BadResult(f"{what} is {size} bytes of JSON, over the {limit}-byte limit")
+
+
+def _output_models(wf: Workflow) -> dict[str, type[BaseModel] | None]:
+    return {name: sd.options.output for name, sd in wf.steps.items()}

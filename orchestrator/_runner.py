@@ -1,0 +1,157 @@
+"""WorkflowRunner and RunHandle: how apps start runs and control them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel
+
+from . import _engine as engine
+from ._celery import host, runtime_of
+from ._config import Settings
+from ._definition import Workflow
+from ._dispatch.local import LocalDispatcher
+from ._records import RunRecord, RunResult, RunStatus
+from ._runtime import RunNotFound, Runtime, memory_runtime
+from ._stores import RunStore
+
+_embedded: Runtime | None = None
+_embedded_lock = threading.Lock()
+
+
+def embedded_runtime() -> Runtime:
+    """The process-wide in-process runtime (thread pool + memory store)."""
+    global _embedded
+    with _embedded_lock:
+        if _embedded is None:
+            dispatcher = LocalDispatcher()
+            _embedded = memory_runtime(dispatcher)
+            dispatcher.bind(_embedded)
+        return _embedded
+
+
+def local_runtime(store: RunStore, settings: Settings | None = None) -> Runtime:
+    """An in-process runtime over a given store (e.g. a RedisStore, to survive restarts)."""
+    dispatcher = LocalDispatcher()
+    runtime = Runtime(dispatcher, settings, store_factory=lambda prefix: store)
+    dispatcher.bind(runtime)
+    return runtime
+
+
+class WorkflowRunner:
+    """Starts runs of one workflow.
+
+    `WorkflowRunner(wf)` runs in this process (embedded); `WorkflowRunner(wf, app=app)`
+    enqueues on a Celery cluster whose state lives in Redis.
+    """
+
+    def __init__(
+        self, workflow: Workflow, *, app: Celery | None = None, runtime: Runtime | None = None
+    ) -> None:
+        workflow.check_complete()
+        self.workflow = workflow
+        if app is not None:
+            host(app, workflow)
+            runtime = runtime_of(app)
+        self.runtime = runtime or embedded_runtime()
+        self.runtime.register(workflow)
+        self.store = self.runtime.store_for(workflow.persistence_options.key_prefix)
+
+    def run(self, input: BaseModel | dict[str, Any] | None = None, *,
+            run_id: str | None = None) -> RunHandle:
+        """Validate `input` and start a run. Invalid input raises pydantic's ValidationError
+        and creates nothing; a `run_id` that exists already returns a handle to that run."""
+        run_id, _ = self.runtime.start(self.workflow, input or {}, run_id)
+        return RunHandle(run_id, self.runtime, self.store)
+
+    def attach(self, run_id: str) -> RunHandle:
+        """A handle to an existing run, from any process."""
+        handle = RunHandle(run_id, self.runtime, self.store)
+        handle.record()  # RunNotFound now rather than on first use
+        return handle
+
+    def recover(self) -> int:
+        """One recovery sweep over this workflow's store; returns runs moved on."""
+        return self.runtime.sweep(self.store)
+
+
+class RunHandle:
+    def __init__(self, run_id: str, runtime: Runtime, store: RunStore) -> None:
+        self.run_id = run_id
+        self._runtime = runtime
+        self._store = store
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.run_id!r})"
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def record(self) -> RunRecord:
+        rec = self._store.load(self.run_id).record
+        if rec is None:
+            raise RunNotFound(f"no run {self.run_id!r}")
+        return rec
+
+    def status(self) -> RunStatus:
+        return self.record().status
+
+    def history(self, start: int = 0) -> list[dict[str, Any]]:
+        return self._store.history(self.run_id, start)
+
+    def result(self, timeout: float | None = None, poll: float = 0.02) -> RunResult:
+        """Wait until the run has completed, failed or stopped. TimeoutError if not by then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = poll
+        while True:
+            rec = self.record()
+            if rec.status.is_terminal:
+                return RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
+                                 step_results=rec.step_results, output=rec.output,
+                                 error=rec.error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"run {self.run_id} is still {rec.status.value} after {timeout}s")
+            time.sleep(wait if deadline is None else min(wait, max(0.0, deadline -
+                                                                   time.monotonic())))
+            wait = min(wait * 1.5, 0.25)
+
+    def follow(self, poll: float = 0.05) -> Iterator[dict[str, Any]]:
+        """History entries as they are written, until the run finishes."""
+        seen = 0
+        while True:
+            entries = self._store.history(self.run_id, seen)
+            seen += len(entries)
+            yield from entries
+            if not entries and self.status().is_terminal:
+                if not (more := self._store.history(self.run_id, seen)):
+                    return
+                seen += len(more)
+                yield from more
+            elif not entries:
+                time.sleep(poll)
+
+    # ---- control ----------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Let the step in flight finish; start nothing new until resume()."""
+        self._apply(lambda r, now: engine.Pause(now))
+
+    def resume(self) -> None:
+        self._apply(lambda r, now: engine.Resume(now))
+
+    def stop(self, reason: str | None = None) -> None:
+        """Revoke what is in flight; no step starts after this returns."""
+        self._apply(lambda r, now: engine.Stop(now, reason))
+
+    def approve(self, by: str, comment: str | None = None) -> None:
+        self._apply(lambda r, now: engine.Decide(now, True, by, comment))
+
+    def reject(self, by: str, reason: str | None = None) -> None:
+        self._apply(lambda r, now: engine.Decide(now, False, by, reason))
+
+    def _apply(self, make: Any) -> None:
+        self._runtime.apply(self._store, self.run_id, make)

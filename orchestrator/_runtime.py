@@ -1,0 +1,259 @@
+"""The I/O loop around the engine: load, decide, commit, then send what was decided.
+
+Both modes use this one loop; they differ only in the store and the dispatcher. A worker
+that finishes a step applies its completion here itself (it has the definition and the
+engine is pure), so a step hop costs one message, as in a raw Celery chain. Coordinators
+run the same loop for joins, timers and recovery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import _engine as engine
+from ._config import Settings
+from ._definition import Workflow
+from ._dispatch.base import Dispatcher
+from ._executor import run_task
+from ._records import FlowSpec, RunRecord, StepSpec
+from ._reducers import reducers_of
+from ._stores import Loaded, MemoryStore, RedisStore, RunStore
+
+log = logging.getLogger("orchestrator")
+
+MAX_CAS_ATTEMPTS = 50
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+class UnknownWorkflow(LookupError):
+    pass
+
+
+class CommitConflict(RuntimeError):
+    """Too many concurrent writers on one run; nothing was committed."""
+
+
+EventMaker = Callable[[RunRecord, float], engine.Event]
+
+
+class Runtime:
+    """Workflows this process hosts, their stores, and one dispatcher."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        settings: Settings | None = None,
+        workflows: Iterable[Workflow] = (),
+        store_factory: Callable[[str], RunStore] | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.dispatcher = dispatcher
+        self.workflows: dict[str, Workflow] = {}
+        self._specs: dict[str, FlowSpec] = {}
+        self._stores: dict[str, RunStore] = {}
+        self._store_factory = store_factory or self._redis_store
+        for wf in workflows:
+            self.register(wf)
+
+    # ---- registry ----------------------------------------------------------------------
+
+    def register(self, wf: Workflow) -> None:
+        wf.check_complete()
+        known = self.workflows.get(wf.name)
+        if known is not None and known is not wf and known.version != wf.version:
+            raise ValueError(f"two different workflows are named {wf.name!r}")
+        self.workflows[wf.name] = wf
+        self._specs[wf.name] = spec_of(wf)
+
+    def workflow(self, name: str) -> Workflow:
+        try:
+            return self.workflows[name]
+        except KeyError:
+            raise UnknownWorkflow(
+                f"no workflow {name!r} here; known: {sorted(self.workflows)}") from None
+
+    def spec(self, name: str) -> FlowSpec | None:
+        return self._specs.get(name)
+
+    def store_for(self, key_prefix: str) -> RunStore:
+        store = self._stores.get(key_prefix)
+        if store is None:
+            store = self._stores[key_prefix] = self._store_factory(key_prefix)
+        return store
+
+    def stores(self) -> list[RunStore]:
+        return [self.store_for(wf.persistence_options.key_prefix)
+                for wf in self.workflows.values()]
+
+    def _redis_store(self, prefix: str) -> RunStore:
+        return RedisStore(self.settings.redis_url, prefix, self.settings.retain_seconds)
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def apply(
+        self,
+        store: RunStore,
+        run_id: str,
+        make_event: EventMaker,
+        spec: FlowSpec | None = None,
+        *,
+        release: str | None = None,
+        loaded: Loaded | None = None,
+    ) -> engine.Decision:
+        """Decide and commit one event; retried on a concurrent write. Raises what the
+        engine raises for a request that does not apply (nothing is written then)."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            current = loaded or store.load(run_id)
+            loaded = None
+            if current.record is None:
+                raise RunNotFound(f"no run {run_id!r} in {store.key_prefix!r}")
+            event = make_event(current.record, current.now)
+            decision = engine.apply(current.record, event, spec or self.spec(current.record.workflow))
+            if not decision.changed:
+                if decision.ignored:
+                    log.debug("run %s: ignored %s (%s)", run_id, type(event).__name__,
+                              decision.ignored)
+                return decision
+            assert decision.record is not None
+            due = self._due(decision.record)
+            if store.commit(current.record, current.version, decision.record, decision.history,
+                            due, release):
+                self.dispatcher.send(decision.commands)
+                return decision
+        raise CommitConflict(f"run {run_id}: gave up after {MAX_CAS_ATTEMPTS} conflicting writes")
+
+    def _due(self, rec: RunRecord) -> float | None:
+        return engine.next_due(rec, self.settings.redispatch_after, self.settings.join_after)
+
+    # ---- starting -------------------------------------------------------------------
+
+    def start(
+        self, wf: Workflow, input: BaseModel | dict[str, Any], run_id: str | None = None
+    ) -> tuple[str, bool]:
+        """Validate, create and dispatch a run. Returns (run id, created); a run id that
+        exists already is not started again."""
+        self.register(wf)
+        data = input.model_dump() if isinstance(input, BaseModel) else input
+        model = wf.input_model.model_validate(data)  # ValidationError: nothing written
+        run_id = run_id or uuid.uuid4().hex
+        _check_run_id(run_id)
+        store = self.store_for(wf.persistence_options.key_prefix)
+        now = store.now()  # fails fast (StoreUnavailable) before anything is written
+        state = wf.state_model().model_dump(mode="json")
+        spec = self._specs[wf.name]
+        d = engine.start(spec, run_id, model.model_dump(mode="json"), state, now)
+        assert d.record is not None
+        if not store.create(d.record, d.history, self._due(d.record)):
+            return run_id, False
+        self.dispatcher.send(d.commands)
+        return run_id, True
+
+    # ---- on a worker ----------------------------------------------------------------
+
+    def execute(self, workflow: str, run_id: str, token: int, branch: str | None = None) -> str:
+        """Run one dispatched task if the run still expects it; commit its outcome."""
+        wf = self.workflow(workflow)
+        store = self.store_for(wf.persistence_options.key_prefix)
+        lease_id = f"{token}" if branch is None else f"{token}:{branch}"
+        began = store.begin_task(run_id, lease_id, self.settings.lease_ttl)
+        started = time.monotonic()
+        rec = began.record
+        if rec is None or not engine.expects(rec, token, branch):
+            log.info("run %s: token %s%s is no longer expected; skipped", run_id, token,
+                     f" branch {branch}" if branch else "")
+            return "skipped"
+        task = rec.task if branch is None else rec.fork.branches[branch].task  # type: ignore[union-attr]
+        assert task is not None
+        spec = self._specs[wf.name]
+
+        def checkpoint(patch: dict[str, Any]) -> None:
+            self.apply(store, run_id, lambda r, now: engine.Checkpoint(token, now, patch), spec)
+
+        seen = task.model_copy(update={"attempt": task.attempt + began.starts - 1})
+        log.info("run %s: step %s attempt %s started", run_id, seen.step if branch is None
+                 else f"{seen.step}[{branch}]", seen.attempt)
+        with store.lease(run_id, lease_id, self.settings.lease_ttl):
+            event = run_task(wf, rec, seen, max_payload=self.settings.max_payload,
+                             on_checkpoint=checkpoint)
+        if isinstance(event, engine.StepFailed):
+            event = dataclasses.replace(event, attempt=task.attempt)
+        finished = began.now + (time.monotonic() - started)
+        # Checkpoints of an imperative body moved the version on: reload instead of reusing.
+        first = None if wf.is_imperative else dataclasses.replace(began, now=finished)
+        d = self.apply(store, run_id,
+                       lambda r, now: dataclasses.replace(event, now=max(now, finished)), spec,
+                       release=lease_id, loaded=first)
+        return "ignored" if d.ignored else "done"
+
+    def join(self, workflow: str, run_id: str, token: int) -> None:
+        wf = self.workflow(workflow)
+        store = self.store_for(wf.persistence_options.key_prefix)
+        self.apply(store, run_id, lambda r, now: engine.Join(token, now), self._specs[wf.name])
+
+    # ---- timers and recovery -----------------------------------------------------------
+
+    def sweep(self, store: RunStore, limit: int | None = None) -> int:
+        """One pass over runs whose timer is due: fire timers, re-drive lost work.
+        Returns how many runs changed."""
+        s = self.settings
+        changed = 0
+        for run_id in store.claim_due(limit or s.sweep_batch, s.redispatch_after):
+            try:
+                changed += self._tick(store, run_id)
+            except Exception:  # one broken run must not stop the sweep of the others
+                log.exception("run %s: sweep failed", run_id)
+        return changed
+
+    def _tick(self, store: RunStore, run_id: str) -> int:
+        s = self.settings
+        loaded = store.load(run_id)
+        if loaded.record is None:
+            store.set_due(run_id, None)
+            return 0
+
+        def tick(rec: RunRecord, now: float) -> engine.Event:
+            leases = [t.lease_id for t in engine.live_tasks(rec)]
+            live = store.live_leases(run_id, leases)
+            return engine.Tick(now, live, s.redispatch_after, s.join_after)
+
+        d = self.apply(store, run_id, tick, loaded=loaded)
+        if not d.changed:
+            store.set_due(run_id, self._due(loaded.record))
+        return int(d.changed)
+
+    def sweep_all(self) -> int:
+        return sum(self.sweep(store) for store in self.stores())
+
+
+def spec_of(wf: Workflow) -> FlowSpec:
+    steps = {}
+    for name in wf.step_names():
+        o = wf.step_def(name).options
+        steps[name] = StepSpec(o.queue, o.retries, o.backoff, o.backoff_factor, o.max_backoff,
+                               o.timeout)
+    return FlowSpec(wf.name, wf.version, steps, reducers_of(wf.state_model))
+
+
+def _check_run_id(run_id: str) -> None:
+    if not run_id or len(run_id) > 200 or any(c in run_id for c in "{}: \n\t"):
+        raise ValueError(f"run id {run_id!r} must be 1-200 characters without braces, ':' "
+                         f"or whitespace")
+
+
+def memory_runtime(dispatcher: Dispatcher, settings: Settings | None = None) -> Runtime:
+    stores: dict[str, MemoryStore] = {}
+
+    def factory(prefix: str) -> RunStore:
+        return stores.setdefault(prefix, MemoryStore(prefix))
+
+    return Runtime(dispatcher, settings, store_factory=factory)
