@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from ._config import COORDINATOR_QUEUE, Settings, celery_config
+from ._config import Settings, celery_config
 from ._definition import Workflow
 from ._dispatch.base import JOIN_TASK, branch_task_name, step_task_name
 from ._dispatch.celery import CeleryDispatcher
@@ -42,10 +42,8 @@ def create_app(
     for wf in found:
         host(app, wf)
 
-    @app.task(name=JOIN_TASK, queue=COORDINATOR_QUEUE, ignore_result=True)
-    def join(*args: Any) -> None:
-        # A chord body gets the header's results first when it is not immutable.
-        workflow, run_id, token = args[-3:]
+    @app.task(name=JOIN_TASK, ignore_result=True, shared=False)
+    def join(workflow: str, run_id: str, token: int) -> None:
         runtime.join(workflow, run_id, token)
 
     return app
@@ -63,12 +61,11 @@ def host(app: Celery, wf: Workflow) -> None:
     for step in wf.step_names():
         name = step_task_name(wf.name, step)
         if name not in app.tasks:
-            app.task(name=name, ignore_result=True,
-                     queue=wf.step_def(step).options.queue)(_step_body(runtime, wf.name))
+            app.task(name=name, ignore_result=True, shared=False)(_step_body(runtime, wf.name))
     name = branch_task_name(wf.name)
     if name not in app.tasks:
         # Branch results feed the chord counter, so they are stored (and expire).
-        app.task(name=name, ignore_result=False)(_step_body(runtime, wf.name))
+        app.task(name=name, ignore_result=False, shared=False)(_step_body(runtime, wf.name))
 
 
 def _step_body(runtime: Runtime, workflow: str) -> Any:

@@ -1,0 +1,160 @@
+"""Workflows end to end, in both modes: embedded (threads, memory store) and distributed
+(real Redis, real Celery worker subprocesses)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import pytest
+import redis
+from pydantic import ValidationError
+
+from orchestrator import (
+    RunStatus,
+    StoreUnavailable,
+    Workflow,
+    WorkflowRunner,
+    local_runtime,
+)
+from orchestrator._celery import create_app
+from orchestrator._stores import RedisStore
+from tests import flows
+from tests.conftest import Cluster
+from workers.deploy import build_and_deploy
+
+Runner = Callable[[Workflow], WorkflowRunner]
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def make_runner(request: pytest.FixtureRequest, redis_url: str,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Runner]:
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", redis_url)
+    if request.param == "embedded":
+        yield lambda wf: WorkflowRunner(wf)
+        return
+    cluster: Cluster = request.getfixturevalue("cluster")
+    yield lambda wf: WorkflowRunner(wf, app=cluster.app)
+
+
+def test_build_and_deploy_completes(make_runner: Runner) -> None:
+    handle = make_runner(build_and_deploy).run({"repo": "acme/app"})
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.state["artifact"] == "out.tar"
+    assert result.state["commit"] and len(result.state["commit"]) == 7
+    assert result.step_results["Clone"] == {"repo": "acme/app", "commit": result.state["commit"]}
+    assert result.step_results["Build"]["artifact"] == "out.tar"
+    assert result.step_results["Deploy"] == {"deployed": "out.tar", "to": "staging"}
+    steps = [e["step"] for e in handle.history() if e["event"] == "step_completed"]
+    assert steps == ["__start__", "Clone", "Build", "Test", "Deploy"]
+
+
+def test_loop_of_200_iterations(make_runner: Runner) -> None:
+    handle = make_runner(flows.loop).run({"times": 200})
+    result = handle.result(timeout=120)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.state == {"n": 200}
+    ticks = [e for e in handle.history() if e["event"] == "step_completed" and e["step"] == "Tick"]
+    assert len(ticks) == 200
+
+
+def test_branching_on_input_takes_different_paths(make_runner: Runner) -> None:
+    runner = make_runner(flows.branching)
+    big, small = runner.run({"value": 50}), runner.run({"value": 3})
+    big_result, small_result = big.result(timeout=60), small.result(timeout=60)
+    assert big_result.output == "big" and "Big" in big_result.step_results
+    assert small_result.output == "small" and "Small" in small_result.step_results
+    assert "Small" not in big_result.step_results and "Big" not in small_result.step_results
+
+
+def test_imperative_checkpoints_persist_as_they_happen(
+        make_runner: Runner, rclient: redis.Redis) -> None:
+    runner = make_runner(flows.imperative)
+    rclient.set("t:imp1:hold", 1)
+    handle = runner.run(run_id="imp1")
+    # Mid-body, the first two checkpoints are already in the store.
+    from tests.conftest import wait_for
+
+    wait_for(lambda: rclient.llen("t:imp1:checkpoints") >= 2, what="two checkpoints")
+    assert handle.record().state == {"done": ["fetch", "transform"]}
+    assert handle.status() is RunStatus.RUNNING
+    rclient.set("t:imp1:release", 1)
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.COMPLETED
+    assert result.output == {"parts": 3}
+    assert result.state == {"done": ["fetch", "transform", "load"]}
+
+
+def test_same_run_id_starts_one_run(make_runner: Runner) -> None:
+    runner = make_runner(flows.branching)
+    first = runner.run({"value": 50}, run_id="dedupe-1")
+    second = runner.run({"value": 3}, run_id="dedupe-1")
+    assert first.run_id == second.run_id
+    result = second.result(timeout=60)
+    assert result.output == "big"  # the second start changed nothing
+    starts = [e for e in second.history() if e["event"] == "started"]
+    assert len(starts) == 1
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+def _keys(url: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    return [k for k in client.keys("*") if not k.startswith(b"_kombu")]
+
+
+def test_invalid_input_raises_and_creates_nothing(make_runner: Runner, redis_url: str) -> None:
+    runner = make_runner(build_and_deploy)
+    before, runs_before = _keys(redis_url), len(runner.store.list_runs(limit=10**6))
+    with pytest.raises(ValidationError) as info:
+        runner.run({"repository": "acme/app"})
+    assert "repo" in str(info.value)
+    assert _keys(redis_url) == before
+    assert len(runner.store.list_runs(limit=10**6)) == runs_before
+
+
+def test_unknown_step_name_fails_naming_valid_steps(make_runner: Runner) -> None:
+    result = make_runner(flows.bad_transition).run().result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and result.error.type == "UnknownStep"
+    assert "'Nowhere'" in result.error.message
+    assert "Go" in result.error.message and "Elsewhere" in result.error.message
+    assert result.error.step == "Go"
+
+
+def test_invalid_state_change_fails_with_validation_error(make_runner: Runner) -> None:
+    result = make_runner(flows.bad_state).run().result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and result.error.type == "ValidationError"
+    assert "n" in result.error.message and result.error.step == "Set"
+    assert result.state == {"n": 0}  # a failed step commits none of its changes
+
+
+def test_non_json_output_fails_clearly(make_runner: Runner) -> None:
+    result = make_runner(flows.bad_output).run().result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and "not JSON-serializable" in result.error.message
+    assert result.error.type == "InvalidStepResult"
+
+
+def test_redis_unreachable_at_run_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = RedisStore(f"redis://:secret@127.0.0.1:{port}/0")
+    runner = WorkflowRunner(flows.branching, runtime=local_runtime(store))
+    with pytest.raises(StoreUnavailable) as info:
+        runner.run({"value": 1})
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_distributed_bad_input_sends_no_message(cluster: Cluster, redis_url: str) -> None:
+    app = create_app(cluster.settings)
+    runner = WorkflowRunner(build_and_deploy, app=app)
+    client = redis.Redis.from_url(redis_url)
+    with pytest.raises(ValidationError):
+        runner.run({"repo": 42})
+    assert client.llen("orchestrator.steps") == 0
