@@ -86,7 +86,7 @@ def find_workflows(module: ModuleType) -> list[Workflow]:
 class Sweeper(bootsteps.StartStopStep):
     """Coordinator duty: fire due timers and re-drive lost work, every sweep_interval."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self._stop = threading.Event()

@@ -74,9 +74,8 @@ class StepContext:
         update = {**(changes or {}), **kwargs}
         unknown = set(update) - set(self._state_model.model_fields)
         if unknown and self._state_model.model_config.get("extra") != "allow":
-            raise ValueError(
-                f"state has no field(s) {sorted(unknown)}; fields: {sorted(self._state_model.model_fields)}"
-            )
+            fields = sorted(self._state_model.model_fields)
+            raise ValueError(f"state has no field(s) {sorted(unknown)}; fields: {fields}")
         merged = {**self._state.model_dump(), **update}
         new_state = self._state_model.model_validate(merged)
         dumped = new_state.model_dump(mode="json")

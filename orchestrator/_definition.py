@@ -64,7 +64,8 @@ class StepOptions:
 
     def delay_before(self, attempt: int) -> float:
         """Backoff before `attempt` (2 is the first retry): exponential, capped."""
-        return float(min(self.max_backoff, self.backoff * self.backoff_factor ** max(0, attempt - 2)))
+        growth = self.backoff_factor ** max(0, attempt - 2)
+        return float(min(self.max_backoff, self.backoff * growth))
 
 
 StepFn = Callable[..., Any]
@@ -329,7 +330,8 @@ class Workflow:
     ) -> Workflow:
         if store not in ("redis", "memory"):
             raise DefinitionError(f"unknown store {store!r}: use 'redis' or 'memory'")
-        return dataclasses.replace(self, persistence_options=Persistence(enabled, store, key_prefix))
+        options = Persistence(enabled, store, key_prefix)
+        return dataclasses.replace(self, persistence_options=options)
 
     def agents(self, factories: Mapping[str, Callable[..., Any]]) -> Workflow:
         for name, factory in factories.items():

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from ._records import (
     Approval,
     BranchState,
-    Fork,
     FlowSpec,
+    Fork,
     Gate,
     RunError,
     RunRecord,

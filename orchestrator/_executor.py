@@ -90,10 +90,7 @@ def _call(step_def: StepDef, ctx: StepContext, timeout: float | None) -> Any:
     fn = step_def.fn
     if inspect.iscoroutinefunction(fn):
         return _run_coroutine(fn(ctx), timeout)
-    if timeout is None:
-        result = fn(ctx)
-    else:
-        result = _call_with_timeout(fn, ctx, timeout)
+    result = fn(ctx) if timeout is None else _call_with_timeout(fn, ctx, timeout)
     if inspect.isawaitable(result):
         return _run_coroutine(result, timeout)
     return result

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 __all__ = ["RunError", "RunRecord", "RunResult", "RunStatus"]
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     WAITING = "waiting"
@@ -161,7 +161,8 @@ class StepSpec:
     timeout: float | None = None
 
     def delay_before(self, attempt: int) -> float:
-        return float(min(self.max_backoff, self.backoff * self.backoff_factor ** max(0, attempt - 2)))
+        growth = self.backoff_factor ** max(0, attempt - 2)
+        return float(min(self.max_backoff, self.backoff * growth))
 
 
 @dataclass(frozen=True)

@@ -118,11 +118,15 @@ class Runtime:
             if current.record is None:
                 raise RunNotFound(f"no run {run_id!r} in {store.key_prefix!r}")
             event = make_event(current.record, current.now)
-            decision = engine.apply(current.record, event, spec or self.spec(current.record.workflow))
+            spec = spec or self.spec(current.record.workflow)
+            decision = engine.apply(current.record, event, spec)
             if not decision.changed:
-                if decision.ignored:
-                    log.debug("run %s: ignored %s (%s)", run_id, type(event).__name__,
-                              decision.ignored)
+                if release is not None:  # a worker's late or duplicate result: keep a trace
+                    log.info("run %s: ignored %s (%s)", run_id, type(event).__name__,
+                             decision.ignored)
+                    store.note(run_id, {"at": current.now, "event": "ignored",
+                                        "what": type(event).__name__, "token": release,
+                                        "reason": decision.ignored}, release)
                 return decision
             assert decision.record is not None
             due = self._due(decision.record)

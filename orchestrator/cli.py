@@ -69,7 +69,8 @@ def _one_line(exc: ValidationError) -> str:
 
 
 @click.group()
-@click.option("--redis-url", envvar="ORCHESTRATOR_REDIS_URL", help="State store (and default broker).")
+@click.option("--redis-url", envvar="ORCHESTRATOR_REDIS_URL",
+              help="State store (and default broker).")
 @click.option("--broker-url", envvar="ORCHESTRATOR_BROKER_URL", help="Celery broker, if not Redis.")
 @click.option("--workflows", envvar="ORCHESTRATOR_WORKFLOWS",
               help="Comma-separated modules that define workflows.")

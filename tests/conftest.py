@@ -7,6 +7,7 @@ subprocesses started through the real CLI, and SIGKILL for the fault tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -134,10 +135,8 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the main process and its pool children."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(20)
 
     def terminate(self) -> None:

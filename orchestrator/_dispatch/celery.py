@@ -37,6 +37,7 @@ class CeleryDispatcher(Dispatcher):
                                             signal="SIGTERM")
 
     def _signature(self, workflow: str, run_id: str, task: Task) -> Any:
+        args: tuple[str, int] | tuple[str, int, str]
         if task.branch is None:
             name, args = step_task_name(workflow, task.step), (run_id, task.token)
         else:

@@ -7,6 +7,7 @@ about the same run at once cannot both win: the loser reloads and decides again.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class RunStore(abc.ABC):
         """Replace the record if it is still at `version`; append history, set the timer."""
 
     @abc.abstractmethod
+    def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:
+        """Append a history entry without touching the record (e.g. an ignored completion)."""
+
+    @abc.abstractmethod
     def claim_due(self, limit: int, hold_for: float) -> list[str]:
         """Run ids whose timer is due; each is pushed `hold_for` seconds ahead so
         concurrent sweepers do not take the same run."""
@@ -97,10 +102,9 @@ class RunStore(abc.ABC):
 
         def beat() -> None:
             while not stop.wait(ttl / 3):
-                try:
+                # A missed beat only risks a harmless redispatch.
+                with contextlib.suppress(Exception):
                     self.renew_lease(run_id, task_id, ttl)
-                except Exception:  # a missed beat only risks a harmless redispatch
-                    pass
 
         thread = threading.Thread(target=beat, name=f"lease-{task_id}", daemon=True)
         thread.start()

@@ -89,6 +89,13 @@ class MemoryStore(RunStore):
         else:
             self._due[run_id] = due
 
+    def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:
+        with self._lock:
+            if run_id in self._history:
+                self._history[run_id].append(json.dumps(entry))
+            if release is not None:
+                self._leases.pop((run_id, release), None)
+
     def set_due(self, run_id: str, due: float | None) -> None:
         with self._lock:
             self._set_due(run_id, due)

@@ -165,7 +165,15 @@ class RedisStore(RunStore):
     @_unavailable
     def claim_due(self, limit: int, hold_for: float) -> list[str]:
         ids = self._claim(keys=[self._idx("due")], args=[limit, hold_for])
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        return [_text(i) for i in ids]
+
+    @_unavailable
+    def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(self._hist(run_id), json.dumps(entry))
+        if release is not None:
+            pipe.delete(self._lease(run_id, release))
+        pipe.execute()
 
     @_unavailable
     def set_due(self, run_id: str, due: float | None) -> None:
@@ -184,15 +192,15 @@ class RedisStore(RunStore):
     ) -> list[RunRecord]:
         if status is not None:
             statuses = self.redis.hgetall(self._idx("status"))
-            ids = [k.decode() for k, v in statuses.items() if v.decode() == status.value]
+            ids = [_text(k) for k, v in statuses.items() if _text(v) == status.value]
         else:
-            ids = [i.decode() for i in self.redis.zrevrange(self._idx("runs"), 0, -1)]
+            ids = [_text(i) for i in self.redis.zrevrange(self._idx("runs"), 0, -1)]
         return self._records(ids, workflow, limit)
 
     @_unavailable
     def pending_gates(self, approver: str | None = None) -> list[RunRecord]:
         key = self._idx("gates" if approver is None else f"gates:{approver}")
-        return self._records(sorted(i.decode() for i in self.redis.smembers(key)), None, 10**9)
+        return self._records(sorted(_text(i) for i in self.redis.smembers(key)), None, 10**9)
 
     def _records(self, ids: list[str], workflow: str | None, limit: int) -> list[RunRecord]:
         out: list[RunRecord] = []
@@ -218,6 +226,10 @@ def _loaded(v: bytes | None, doc: bytes | None, now: float, starts: int = 1) -> 
     if doc is None:
         return Loaded(None, 0, now, starts)
     return Loaded(RunRecord.model_validate_json(doc), int(v or 0), now, starts)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _redact(url: str) -> str:
