@@ -15,7 +15,7 @@ from ._celery import host, runtime_of
 from ._config import Settings
 from ._definition import Workflow
 from ._dispatch.local import LocalDispatcher
-from ._records import RunRecord, RunResult, RunStatus
+from ._records import Gate, RunRecord, RunResult, RunStatus
 from ._runtime import RunNotFound, Runtime, memory_runtime
 from ._stores import RunStore
 
@@ -74,6 +74,10 @@ class WorkflowRunner:
         handle.record()  # RunNotFound now rather than on first use
         return handle
 
+    def pending_gates(self, approver: str | None = None) -> list[RunRecord]:
+        """Runs of this store waiting at a gate, optionally only those `approver` may decide."""
+        return self.store.pending_gates(approver)
+
     def recover(self) -> int:
         """One recovery sweep over this workflow's store; returns runs moved on."""
         return self.runtime.sweep(self.store)
@@ -98,6 +102,10 @@ class RunHandle:
 
     def status(self) -> RunStatus:
         return self.record().status
+
+    def gate(self) -> Gate | None:
+        """The gate the run waits at (approvers, prompt, payload, approvals so far)."""
+        return self.record().gate
 
     def history(self, start: int = 0) -> list[dict[str, Any]]:
         return self._store.history(self.run_id, start)

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from orchestrator import END, START, Next, Workflow, step
+from orchestrator import END, START, HumanApproval, Next, Wait, Workflow, step
 
 _clients: dict[str, redis.Redis] = {}
 
@@ -179,3 +179,36 @@ def imperative_body(ctx: Any) -> dict[str, Any]:
 
 imperative = (Workflow("Imperative", "One function").state(ImperativeState)
               .execute(imperative_body))
+
+
+# ---- gates ----------------------------------------------------------------------------
+
+
+class GateInput(BaseModel):
+    approvers: list[str] = ["ops-lead"]
+    min_approvals: int = 1
+    timeout: float | None = None
+    on_timeout: str | None = None
+    on_reject: str | None = None
+
+
+def ask(ctx: Any) -> Wait:
+    i = ctx.input
+    return Wait(HumanApproval(approvers=i.approvers, min_approvals=i.min_approvals,
+                              timeout=i.timeout, on_timeout=i.on_timeout, on_reject=i.on_reject,
+                              prompt="Go ahead?", payload={"risk": "low"}), "Release")
+
+
+def ending(label: str) -> Any:
+    def finish(ctx: Any) -> Next:
+        note(ctx, "started")
+        return Next(END, output=label)
+
+    finish.__name__ = label
+    return finish
+
+
+gated = Workflow("Gated").input(GateInput).flow({
+    START: "Ask", "Ask": ask, "Release": ending("released"), "TimedOut": ending("timed_out"),
+    "Rejected": ending("rejected"),
+})

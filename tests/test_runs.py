@@ -40,13 +40,15 @@ def test_build_and_deploy_completes(make_runner: Runner) -> None:
     handle = make_runner(build_and_deploy).run({"repo": "acme/app"})
     result = handle.result(timeout=60)
     assert result.status is RunStatus.COMPLETED, result.error
-    assert result.state["artifact"] == "out.tar"
+    assert result.state == {"commit": result.state["commit"], "artifact": "out.tar",
+                            "released": True}
     assert result.state["commit"] and len(result.state["commit"]) == 7
     assert result.step_results["Clone"] == {"repo": "acme/app", "commit": result.state["commit"]}
-    assert result.step_results["Build"]["artifact"] == "out.tar"
-    assert result.step_results["Deploy"] == {"deployed": "out.tar", "to": "staging"}
+    assert result.step_results["build_mac"] == {"platform": "mac", "binary": "app-mac"}
+    assert result.step_results["Bundle"]["contains"] == ["app-linux", "app-mac", "app-win"]
+    assert result.output == {"released": "out.tar", "to": "staging"}  # staging: no gate
     steps = [e["step"] for e in handle.history() if e["event"] == "step_completed"]
-    assert steps == ["__start__", "Clone", "Build", "Test", "Deploy"]
+    assert steps == ["__start__", "Clone", "Build", "Bundle", "Test", "Deploy", "Release"]
 
 
 def test_loop_of_200_iterations(make_runner: Runner) -> None:
