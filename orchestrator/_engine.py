@@ -350,7 +350,7 @@ def _on_step_failed(rec: RunRecord, ev: StepFailed, spec: FlowSpec | None) -> De
         _dispatch_if_due(d, retry, ev.now)
         return d
     error = ev.error.model_copy(update={"step": where})
-    return _fail_with(d, ev.now, error)
+    return _fail_with(d, ev.now, error, finished=task)
 
 
 def _on_checkpoint(rec: RunRecord, ev: Checkpoint, spec: FlowSpec | None) -> Decision:
@@ -601,9 +601,12 @@ def _fail(d: Decision, now: float, step: str | None, kind: str, message: str) ->
     return _fail_with(d, now, RunError(step=step, type=kind, message=message))
 
 
-def _fail_with(d: Decision, now: float, error: RunError) -> Decision:
+def _fail_with(
+    d: Decision, now: float, error: RunError, finished: Task | None = None
+) -> Decision:
+    """Fail the run; revoke what still runs, apart from the task that just finished."""
     rec = _rec(d)
-    live = [t for t in live_tasks(rec) if t is not rec.task]
+    live = [t for t in live_tasks(rec) if t is not rec.task and t is not finished]
     if live:  # siblings of a failed branch must not keep running
         d.commands.append(Revoke(tuple(celery_task_id(rec.run_id, t) for t in live)))
     rec.status, rec.error, rec.task, rec.fork, rec.gate = RunStatus.FAILED, error, None, None, None

@@ -7,14 +7,25 @@ under `t:<run id>:...` keys and wait for keys the test sets, so tests synchronis
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import redis
 from pydantic import BaseModel
 
-from orchestrator import END, START, HumanApproval, Next, Wait, Workflow, step
+from orchestrator import (
+    END,
+    START,
+    HumanApproval,
+    Next,
+    Parallel,
+    Wait,
+    Workflow,
+    reducer,
+    step,
+)
 
 _clients: dict[str, redis.Redis] = {}
 
@@ -211,4 +222,128 @@ def ending(label: str) -> Any:
 gated = Workflow("Gated").input(GateInput).flow({
     START: "Ask", "Ask": ask, "Release": ending("released"), "TimedOut": ending("timed_out"),
     "Rejected": ending("rejected"),
+})
+
+
+# ---- parallel -----------------------------------------------------------------------
+
+
+class FanInput(BaseModel):
+    width: int = 3
+
+
+class FanState(BaseModel):
+    seed: int = 0
+    linux: str | None = None
+    mac: str | None = None
+    shared: str | None = None
+    logs: Annotated[list[str], reducer(operator.add)] = []
+    rounds: int = 0
+
+
+def square(ctx: Any) -> int:
+    return int(ctx.item) ** 2 + ctx.state.seed
+
+
+def fan_map(ctx: Any) -> Parallel:
+    ctx.set_state(seed=1)  # branches see the state as it is at the fork
+    return Parallel.map(square, range(ctx.input.width), "Gather")
+
+
+def gather(ctx: Any) -> Next:
+    return Next(END, output=ctx.step_results["square"])
+
+
+fan_out = Workflow("FanOut").input(FanInput).state(FanState).flow({
+    START: "Fan", "Fan": fan_map, "Gather": gather})
+
+
+def linux(ctx: Any) -> str:
+    ctx.set_state(linux=f"linux-{ctx.state.seed}", logs=["linux built"])
+    return "L"
+
+
+def mac(ctx: Any) -> str:
+    ctx.set_state(mac="mac", logs=["mac built"])
+    return "M"
+
+
+def win(ctx: Any) -> dict[str, str]:
+    return {"os": "win"}
+
+
+def fork_three(ctx: Any) -> Parallel:
+    ctx.set_state(seed=7)
+    return Parallel([linux, mac, win], "Join3")
+
+
+three_way = Workflow("ThreeWay").state(FanState).flow({
+    START: "Fork", "Fork": fork_three,
+    "Join3": lambda ctx: Next(END, output=sorted(ctx.step_results)),
+})
+
+
+def writes_shared_a(ctx: Any) -> None:
+    ctx.set_state(shared="a")
+
+
+def writes_shared_b(ctx: Any) -> None:
+    ctx.set_state(shared="b")
+
+
+conflict = Workflow("Conflict").state(FanState).flow({
+    START: "Fork",
+    "Fork": lambda ctx: Parallel({"left": writes_shared_a, "right": writes_shared_b}, "End"),
+    "End": lambda ctx: END,
+})
+
+
+@step(retries=0)
+def breaks(ctx: Any) -> None:
+    note(ctx, "started")
+    raise RuntimeError("the mac builder is on fire")
+
+
+def slow_sibling(ctx: Any) -> str:
+    note(ctx, "started")
+    wait_key(f"t:{ctx.run_id}:release", timeout=120)
+    note(ctx, "finished")
+    return "slow done"
+
+
+def broken_after_sibling(ctx: Any) -> None:
+    # Fail only once the sibling is running, so the revoke must stop a live task.
+    deadline = time.monotonic() + 60
+    while not any(e["step"].endswith("[slow]") for e in events(r(), ctx.run_id)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    breaks(ctx)
+
+
+failing_branch = Workflow("FailingBranch").flow({
+    START: "Fork",
+    "Fork": lambda ctx: Parallel({"slow": slow_sibling, "broken": broken_after_sibling}, "End"),
+    "End": lambda ctx: END,
+})
+
+
+def loop_fork(ctx: Any) -> Parallel:
+    return Parallel([linux, mac], "AfterFork")
+
+
+def after_fork(ctx: Any) -> str:
+    ctx.set_state(rounds=ctx.state.rounds + 1)
+    return "Fork" if ctx.state.rounds < 3 else "Second"
+
+
+def second_fan(ctx: Any) -> Parallel:
+    return Parallel.map(square, [3, 4], "Done")
+
+
+fork_in_loop = Workflow("ForkInLoop").state(FanState).flow({
+    START: "Fork", "Fork": loop_fork, "AfterFork": after_fork, "Second": second_fan,
+    "Done": lambda ctx: Next(END, output={"rounds": ctx.state.rounds,
+                                          "logs": len(ctx.state.logs),
+                                          "squares": ctx.step_results["square"]}),
 })

@@ -1,0 +1,94 @@
+"""Parallel branches as Celery chords, through real Redis and real workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from orchestrator import RunStatus, Workflow, WorkflowRunner
+from orchestrator._config import COORDINATOR_QUEUE
+from tests import flows
+from tests.conftest import Cluster, wait_for
+
+Runner = Callable[[Workflow], WorkflowRunner]
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def make_runner(request: pytest.FixtureRequest, redis_url: str,
+                monkeypatch: pytest.MonkeyPatch) -> Runner:
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", redis_url)
+    if request.param == "embedded":
+        return lambda wf: WorkflowRunner(wf)
+    cluster: Cluster = request.getfixturevalue("cluster")
+    return lambda wf: WorkflowRunner(wf, app=cluster.app)
+
+
+def _history(handle: Any, event: str) -> list[dict[str, Any]]:
+    return [e for e in handle.history() if e["event"] == event]
+
+
+def test_three_way_fan_out_merges_branch_state(make_runner: Runner) -> None:
+    result = make_runner(flows.three_way).run().result(timeout=60)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.step_results["linux"] == "L" and result.step_results["mac"] == "M"
+    assert result.step_results["win"] == {"os": "win"}
+    assert result.state["linux"] == "linux-7"  # the branch saw the state at the fork
+    assert result.state["mac"] == "mac"
+    assert sorted(result.state["logs"]) == ["linux built", "mac built"]  # the reducer
+    assert result.output == ["linux", "mac", "win"]
+
+
+@pytest.mark.parametrize("width", [3, 50])
+def test_map_fan_out_keeps_input_order(make_runner: Runner, width: int) -> None:
+    result = make_runner(flows.fan_out).run({"width": width}).result(timeout=120)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.output == [i * i + 1 for i in range(width)]
+
+
+def test_two_branches_writing_one_key_fail_naming_both(make_runner: Runner) -> None:
+    result = make_runner(flows.conflict).run().result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and result.error.type == "StateConflict"
+    assert "'shared'" in result.error.message
+    assert "left" in result.error.message and "right" in result.error.message
+
+
+def test_parallel_in_a_loop_and_a_later_parallel(make_runner: Runner) -> None:
+    result = make_runner(flows.fork_in_loop).run().result(timeout=120)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.output == {"rounds": 3, "logs": 6, "squares": [9, 16]}
+
+
+def test_failing_branch_fails_run_and_revokes_siblings(cluster: Cluster,
+                                                       rclient: redis.Redis) -> None:
+    handle = WorkflowRunner(flows.failing_branch, app=cluster.app).run(run_id="fb1")
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and result.error.step == "Fork[broken]"
+    assert "the mac builder is on fire" in result.error.message
+    assert result.error.traceback and "RuntimeError" in result.error.traceback
+    rclient.set("t:fb1:release", 1)  # a sibling still running would now finish
+    wait_for(lambda: not rclient.keys("orchestrator:run:{fb1}:lease:*"), 30,
+             what="the revoked sibling's lease to lapse")
+    assert [e for e in flows.events(rclient, "fb1") if e["what"] == "finished"] == []
+    assert "Terminating fb1:3:slow:1" in cluster.logs()
+
+
+def test_lost_join_message_is_redriven_by_the_sweep(cluster_factory: Callable[..., Cluster],
+                                                    rclient: redis.Redis) -> None:
+    c = cluster_factory()
+    c.worker("w1", 2)  # no coordinator yet: the chord's join waits in its queue
+    handle = WorkflowRunner(flows.fan_out, app=c.app).run({"width": 4}, run_id="lj1")
+    wait_for(lambda: rclient.llen(COORDINATOR_QUEUE) == 1, 60, what="the join message")
+    rec = handle.record()
+    assert rec.fork is not None and rec.fork.complete
+    rclient.delete(COORDINATOR_QUEUE)  # the join is lost
+    c.coordinator("coord")
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.COMPLETED
+    assert result.output == [1, 2, 5, 10]
+    assert len(_history(handle, "join_redriven")) == 1
+    assert len(_history(handle, "joined")) == 1
