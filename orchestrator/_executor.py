@@ -59,7 +59,7 @@ def run_task(
         try:
             returned = _call(step_def, ctx, task.timeout)
         finally:
-            notes = agents.close_leftovers()
+            notes = [{**n, "step": where} for n in agents.close_leftovers()]
         if task.branch is not None or wf.is_imperative:
             outcome = Outcome("goto", END, _output(returned, step_def, max_payload), True)
         else:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from orchestrator import (
     END,
     START,
+    EchoAgent,
     HumanApproval,
     Next,
     Parallel,
@@ -346,4 +347,42 @@ fork_in_loop = Workflow("ForkInLoop").state(FanState).flow({
     "Done": lambda ctx: Next(END, output={"rounds": ctx.state.rounds,
                                           "logs": len(ctx.state.logs),
                                           "squares": ctx.step_results["square"]}),
+})
+
+
+# ---- agents -------------------------------------------------------------------------
+
+
+class NotingAgent(EchoAgent):
+    """EchoAgent that tells the test when it is closed (the step may run in a worker)."""
+
+    def __init__(self, run_id: str, name: str = "reviewer") -> None:
+        super().__init__(name)
+        self.run_id = run_id
+
+    def close(self) -> None:
+        super().close()
+        r().rpush(f"t:{self.run_id}:closed", self.name)
+
+
+async def review_politely(ctx: Any) -> Next:
+    async with await ctx.agents.reviewer(ctx.run_id, "polite") as agent:
+        verdict = agent.review("all good")
+    return Next("Sloppy", output=verdict)
+
+
+def review_sloppily(ctx: Any) -> Next:
+    agent = ctx.agents.reviewer(ctx.run_id, "sloppy")  # never closed by the step
+    return Next("Crashy", output=agent.review("TODO: fix"))
+
+
+@step(retries=0)
+def review_and_crash(ctx: Any) -> str:
+    ctx.agents.reviewer(ctx.run_id, "crashy").review("x")
+    raise ValueError("crashed with an agent open")
+
+
+with_agents = Workflow("WithAgents").agents({"reviewer": NotingAgent}).flow({
+    START: "Polite", "Polite": review_politely, "Sloppy": review_sloppily,
+    "Crashy": review_and_crash,
 })
