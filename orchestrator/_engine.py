@@ -135,8 +135,10 @@ class Tick:
 
     now: float
     live_tasks: frozenset[str] = frozenset()
+    busy_queues: frozenset[str] = frozenset()  # queues with messages still waiting
     redispatch_after: float = 60.0
     join_after: float = 5.0
+    force_after: float = 3600.0  # resend even behind a backlog after this long
 
 
 Event = StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
@@ -480,7 +482,12 @@ def _revive(d: Decision, task: Task, ev: Tick) -> None:
     if task.dispatched_at is None:
         _dispatch_if_due(d, task, ev.now)
         return
-    if task.lease_id in ev.live_tasks or ev.now - task.dispatched_at < ev.redispatch_after:
+    age = ev.now - task.dispatched_at
+    if task.lease_id in ev.live_tasks or age < ev.redispatch_after:
+        return
+    # Behind a backlog the message is most likely still queued: resending it would only
+    # add duplicates. A lost one shows once its queue drains (or after force_after).
+    if task.queue in ev.busy_queues and age < ev.force_after:
         return
     lost = task.task_id
     task.attempt += 1

@@ -211,14 +211,21 @@ class Runtime:
         Returns how many runs changed."""
         s = self.settings
         changed = 0
+        backlog: dict[str, int] = {}  # one look at each queue per pass
+
+        def queue_length(queue: str) -> int:
+            if queue not in backlog:
+                backlog[queue] = self.dispatcher.queue_length(queue)
+            return backlog[queue]
+
         for run_id in store.claim_due(limit or s.sweep_batch, s.redispatch_after):
             try:
-                changed += self._tick(store, run_id)
+                changed += self._tick(store, run_id, queue_length)
             except Exception:  # one broken run must not stop the sweep of the others
                 log.exception("run %s: sweep failed", run_id)
         return changed
 
-    def _tick(self, store: RunStore, run_id: str) -> int:
+    def _tick(self, store: RunStore, run_id: str, queue_length: Callable[[str], int]) -> int:
         s = self.settings
         loaded = store.load(run_id)
         if loaded.record is None:
@@ -226,9 +233,12 @@ class Runtime:
             return 0
 
         def tick(rec: RunRecord, now: float) -> engine.Event:
-            leases = [t.lease_id for t in engine.live_tasks(rec)]
-            live = store.live_leases(run_id, leases)
-            return engine.Tick(now, live, s.redispatch_after, s.join_after)
+            tasks = engine.live_tasks(rec)
+            live = store.live_leases(run_id, [t.lease_id for t in tasks])
+            idle = {t.queue for t in tasks if t.lease_id not in live}
+            busy = frozenset(q for q in idle if queue_length(q))
+            return engine.Tick(now, live, busy, s.redispatch_after, s.join_after,
+                               float(s.visibility_timeout))
 
         d = self.apply(store, run_id, tick, loaded=loaded)
         if not d.changed:

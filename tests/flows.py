@@ -386,3 +386,12 @@ with_agents = Workflow("WithAgents").agents({"reviewer": NotingAgent}).flow({
     START: "Polite", "Polite": review_politely, "Sloppy": review_sloppily,
     "Crashy": review_and_crash,
 })
+
+
+# ---- many runs parked at a gate ----------------------------------------------------------
+
+
+parked = Workflow("Parked").persistence(key_prefix="parked:").flow({
+    START: lambda ctx: Wait(HumanApproval(approvers=["ops-lead"]), "Release"),
+    "Release": lambda ctx: Next(END, output="released"),
+})

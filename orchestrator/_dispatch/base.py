@@ -13,6 +13,10 @@ class Dispatcher(abc.ABC):
     def send(self, commands: Sequence[Command]) -> None:
         """Send every command; called after the decision that produced them is committed."""
 
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in `queue`; 0 where the transport cannot tell."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work."""
 

@@ -36,6 +36,14 @@ class CeleryDispatcher(Dispatcher):
                     self.app.control.revoke(list(cmd.task_ids), terminate=True,
                                             signal="SIGTERM")
 
+    def queue_length(self, queue: str) -> int:
+        try:
+            with self.app.connection_or_acquire() as conn:
+                declared = conn.default_channel.queue_declare(queue=queue, passive=True)
+                return int(declared.message_count)
+        except Exception:  # a queue never declared has no backlog
+            return 0
+
     def _signature(self, workflow: str, run_id: str, task: Task) -> Any:
         args: tuple[str, int] | tuple[str, int, str]
         if task.branch is None:
