@@ -77,7 +77,11 @@ def _step_body(runtime: Runtime, workflow: str) -> Any:
 
 def find_workflows(module: ModuleType) -> list[Workflow]:
     """Workflows a module defines at top level, and those of its submodules' `__all__`."""
+    from ._steward import Steward
+
     found = [v for v in vars(module).values() if isinstance(v, Workflow)]
+    for steward in (v for v in vars(module).values() if isinstance(v, Steward)):
+        found += list(steward)
     for sub in getattr(module, "__workflow_modules__", ()):
         found += find_workflows(importlib.import_module(f"{module.__name__}.{sub}"))
     return found

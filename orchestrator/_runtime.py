@@ -149,13 +149,20 @@ class Runtime:
         self.register(wf)
         data = input.model_dump() if isinstance(input, BaseModel) else input
         model = wf.input_model.model_validate(data)  # ValidationError: nothing written
+        return self.start_spec(self._specs[wf.name], wf.persistence_options.key_prefix,
+                               model.model_dump(mode="json"),
+                               wf.state_model().model_dump(mode="json"), run_id)
+
+    def start_spec(
+        self, spec: FlowSpec, key_prefix: str, input: dict[str, Any], state: dict[str, Any],
+        run_id: str | None = None,
+    ) -> tuple[str, bool]:
+        """Start from validated data; for apps that know a workflow only by its catalog."""
         run_id = run_id or uuid.uuid4().hex
         _check_run_id(run_id)
-        store = self.store_for(wf.persistence_options.key_prefix)
+        store = self.store_for(key_prefix)
         now = store.now()  # fails fast (StoreUnavailable) before anything is written
-        state = wf.state_model().model_dump(mode="json")
-        spec = self._specs[wf.name]
-        d = engine.start(spec, run_id, model.model_dump(mode="json"), state, now)
+        d = engine.start(spec, run_id, input, state, now)
         assert d.record is not None
         if not store.create(d.record, d.history, self._due(d.record)):
             return run_id, False
