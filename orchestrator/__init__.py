@@ -7,6 +7,7 @@ Everything public is exported here; modules starting with `_` are internal.
 
 from ._agents import EchoAgent
 from ._celery import create_app
+from ._client import Client, InvalidInput
 from ._config import Settings
 from ._definition import (
     END,
@@ -25,6 +26,7 @@ from ._records import RunError, RunRecord, RunResult, RunStatus
 from ._reducers import reducer
 from ._runner import RunHandle, WorkflowRunner, local_runtime
 from ._runtime import RunNotFound, UnknownWorkflow
+from ._steward import CatalogEntry, Steward
 from ._stores import MemoryStore, RedisStore, RunStore, StoreUnavailable
 
 __all__ = [
@@ -51,12 +53,17 @@ __all__ = [
     "Settings",
     "create_app",
     "local_runtime",
+    # discovery and apps
+    "Steward",
+    "CatalogEntry",
+    "Client",
     # stores
     "RunStore",
     "MemoryStore",
     "RedisStore",
     # errors
     "ControlError",
+    "InvalidInput",
     "RunNotFound",
     "StoreUnavailable",
     "UnknownWorkflow",

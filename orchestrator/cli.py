@@ -27,6 +27,7 @@ from ._celery import Sweeper, create_app, runtime_of
 from ._client import Client, InvalidInput
 from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
+from ._dev import dev
 from ._engine import ControlError
 from ._records import RunRecord, RunStatus
 from ._runner import RunHandle, WorkflowRunner
@@ -524,6 +525,8 @@ def _report(handle: RunHandle, as_json: bool) -> None:
     else:
         out.print(f"{rec.run_id}: {rec.status.value}")
 
+
+cli.add_command(dev)
 
 if __name__ == "__main__":
     main()
