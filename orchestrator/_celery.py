@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 
+from . import _logging
 from ._config import Settings, celery_config
 from ._definition import Workflow
 from ._dispatch.base import JOIN_TASK, branch_task_name, step_task_name
@@ -42,11 +43,21 @@ def create_app(
     for wf in found:
         host(app, wf)
 
+    _log_with_run_context(settings.log_format)
+
     @app.task(name=JOIN_TASK, ignore_result=True, shared=False)
     def join(workflow: str, run_id: str, token: int) -> None:
         runtime.join(workflow, run_id, token)
 
     return app
+
+
+def _log_with_run_context(fmt: str) -> None:
+    def install_on(logger: logging.Logger, **kwargs: Any) -> None:
+        _logging.install(logger, fmt)
+
+    signals.after_setup_logger.connect(install_on, weak=False)
+    signals.after_setup_task_logger.connect(install_on, weak=False)
 
 
 def runtime_of(app: Celery) -> Runtime:

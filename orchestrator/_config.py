@@ -31,10 +31,15 @@ class Settings:
     result_expires: int = 3600
     retain_seconds: int = 7 * 24 * 3600
     max_payload: int = 1024 * 1024
+    log_format: str = "text"  # or "json": one JSON object a line
 
     @property
     def broker(self) -> str:
         return self.broker_url or self.redis_url
+
+    def celery_config(self) -> dict[str, Any]:
+        """The Celery settings these imply (what `celeryconfig.py` exposes)."""
+        return celery_config(self)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -88,7 +93,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_backend_health_check_interval": 15,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "worker_hijack_root_logger": False,
     }
     for key, url in (("broker_use_ssl", settings.broker), ("redis_backend_use_ssl",
                                                             settings.redis_url)):

@@ -22,6 +22,7 @@ from ._config import Settings
 from ._definition import Workflow
 from ._dispatch.base import Dispatcher
 from ._executor import run_task
+from ._logging import run_context
 from ._records import FlowSpec, RunRecord, StepSpec
 from ._reducers import reducers_of
 from ._stores import Loaded, MemoryStore, RedisStore, RunStore
@@ -191,11 +192,13 @@ class Runtime:
             self.apply(store, run_id, lambda r, now: engine.Checkpoint(token, now, patch), spec)
 
         seen = task.model_copy(update={"attempt": task.attempt + began.starts - 1})
-        log.info("run %s: step %s attempt %s started", run_id, seen.step if branch is None
-                 else f"{seen.step}[{branch}]", seen.attempt)
-        with store.lease(run_id, lease_id, self.settings.lease_ttl):
+        where = seen.step if branch is None else f"{seen.step}[{branch}]"
+        with run_context(run_id, where), store.lease(run_id, lease_id, self.settings.lease_ttl):
+            log.info("step started, attempt %s", seen.attempt)
             event = run_task(wf, rec, seen, max_payload=self.settings.max_payload,
                              on_checkpoint=checkpoint)
+            log.info("step %s", "finished" if isinstance(event, engine.StepDone) else
+                     f"failed: {event.error.type}: {event.error.message}")
         if isinstance(event, engine.StepFailed):
             event = dataclasses.replace(event, attempt=task.attempt)
         finished = began.now + (time.monotonic() - started)

@@ -1,0 +1,93 @@
+"""What operators see: Flower listing our step tasks, and logs with run id and step."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator import RunStatus, WorkflowRunner
+from tests.conftest import Cluster, Process, wait_for
+from workers.deploy import build_and_deploy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
+    port = _free_port()
+    env = {**cluster.env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = Process("flower", [sys.executable, "-m", "orchestrator.cli", "flower",
+                                f"--port={port}", "--address=127.0.0.1"],
+                     env, cluster.tmp / "flower.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _get(f"{base}/api/workers?refresh=1"), 60, 0.2,
+                 what="Flower's API to list workers")
+        handle = WorkflowRunner(build_and_deploy, app=cluster.app).run({"repo": "acme/app"})
+        assert handle.result(timeout=60).status is RunStatus.COMPLETED
+
+        def clone_task() -> dict[str, Any] | None:
+            tasks = _get(f"{base}/api/tasks") or {}
+            return next((t for t in tasks.values() if t.get("name") == "BuildAndDeploy.Clone"
+                         and handle.run_id in str(t.get("args"))), None)
+
+        task = wait_for(clone_task, 60, 0.2, what="Flower to show BuildAndDeploy.Clone")
+        assert task["state"] == "SUCCESS"
+        assert task["uuid"].startswith(f"{handle.run_id}:")
+        names = {t["name"] for t in (_get(f"{base}/api/tasks") or {}).values()}
+        assert {"BuildAndDeploy.START", "BuildAndDeploy.Build", "BuildAndDeploy.branch",
+                "BuildAndDeploy.Deploy", "BuildAndDeploy.Release"} <= names
+    finally:
+        flower.terminate()
+
+
+def _run_and_read_logs(cluster_factory: Callable[..., Cluster], **env: str) -> tuple[str, str]:
+    c = cluster_factory(**env)
+    c.coordinator("coord")
+    w = c.worker("w1")
+    handle = WorkflowRunner(build_and_deploy, app=c.app).run({"repo": "acme/app"})
+    assert handle.result(timeout=60).status is RunStatus.COMPLETED
+    wait_for(lambda: "Release" in w.log.read_text() and "finished" in w.log.read_text(), 30,
+             what="the worker's log lines")
+    return handle.run_id, w.log.read_text()
+
+
+def test_text_logs_carry_run_id_and_step(cluster_factory: Callable[..., Cluster]) -> None:
+    run_id, log = _run_and_read_logs(cluster_factory)
+    lines = [line for line in log.splitlines() if run_id in line]
+    assert lines
+    for line in lines:
+        assert f"run={run_id} step=" in line, line
+    assert any(f"run={run_id} step=Clone step started" in line for line in lines)
+    assert any(f"run={run_id} step=Build[build_mac] step finished" in line for line in lines)
+    received = [line for line in lines if "received" in line and "BuildAndDeploy.Test[" in line]
+    assert received and f"run={run_id} step=Test" in received[0]
+
+
+def test_json_logs_carry_run_id_and_step(cluster_factory: Callable[..., Cluster]) -> None:
+    run_id, log = _run_and_read_logs(cluster_factory, ORCHESTRATOR_LOG_FORMAT="json")
+    entries = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            entries.append(json.loads(line))
+    mine = [e for e in entries if e["run_id"] == run_id]
+    steps = {e["step"] for e in mine}
+    assert {"Clone", "Test", "Deploy", "Release", "Build[build_linux]"} <= steps
+    assert all(e["step"] != "-" for e in mine)
+    assert not [line for line in log.splitlines() if run_id in line and not line.startswith("{")]
+
