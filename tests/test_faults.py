@@ -206,3 +206,19 @@ def test_coordinator_killed_between_commit_and_dispatch(
     assert len(redispatched) == 1 and redispatched[0]["step"] == "__start__"
     assert len(_history(handle, "step_completed", "__start__")) == 1
     assert [e["step"] for e in _events(rclient, "x1", "started")] == ["A", "B", "C"]
+
+
+def test_redis_restart_keeps_a_gate_and_workers_resume(cluster: Cluster, redis_server: Any,
+                                                       rclient: redis.Redis) -> None:
+    runner = WorkflowRunner(flows.gated, app=cluster.app)
+    handle = runner.run({}, run_id="aof1")
+    wait_for(lambda: handle.status() is RunStatus.WAITING, 60, what="the gate")
+    redis_server.stop()  # appendfsync always: everything acknowledged is on disk
+    redis_server.start()
+    assert handle.status() is RunStatus.WAITING  # the gate survived the restart
+    assert [r.run_id for r in runner.pending_gates("ops-lead")] == ["aof1"]
+    handle.approve(by="ops-lead")
+    # Workers reconnect and consume again (celery #8030): Release runs.
+    result = handle.result(timeout=120)
+    assert result.status is RunStatus.COMPLETED and result.output == "released"
+    assert len(_events(rclient, "aof1", "started", "Release")) == 1
