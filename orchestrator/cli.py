@@ -488,34 +488,23 @@ _control("resume", "Resume a paused run.")
 _control("stop", "Stop a run: revoke what is in flight, start nothing more.")
 
 
-@cli.command()
-@click.argument("run_id")
-@click.option("--as", "by", required=True, help="Who approves (must be a listed approver).")
-@click.option("--comment", default=None)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-@_guard
-def approve(settings: Settings, run_id: str, by: str, comment: str | None,
-            as_json: bool) -> None:
-    """Approve the gate a run waits at."""
-    handle = _client(settings).attach(run_id)
-    handle.approve(by=by, comment=comment)
-    _report(handle, as_json)
+def _decision(verb: str, note: str, doc: str) -> None:
+    @cli.command(name=verb, help=doc)
+    @click.argument("run_id")
+    @click.option("--as", "by", required=True, help=f"Who {verb}s (must be a listed approver).")
+    @click.option(f"--{note}", "text", default=None)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_obj
+    @_guard
+    def command(settings: Settings, run_id: str, by: str, text: str | None,
+                as_json: bool) -> None:
+        handle = _client(settings).attach(run_id)
+        getattr(handle, verb)(by, text)
+        _report(handle, as_json)
 
 
-@cli.command()
-@click.argument("run_id")
-@click.option("--as", "by", required=True, help="Who rejects (must be a listed approver).")
-@click.option("--reason", default=None)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-@_guard
-def reject(settings: Settings, run_id: str, by: str, reason: str | None,
-           as_json: bool) -> None:
-    """Reject the gate a run waits at."""
-    handle = _client(settings).attach(run_id)
-    handle.reject(by=by, reason=reason)
-    _report(handle, as_json)
+_decision("approve", "comment", "Approve the gate a run waits at.")
+_decision("reject", "reason", "Reject the gate a run waits at.")
 
 
 def _report(handle: RunHandle, as_json: bool) -> None:

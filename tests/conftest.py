@@ -19,10 +19,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+
+if TYPE_CHECKING:
+    from orchestrator import Workflow, WorkflowRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,3 +225,19 @@ def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
     c.worker("w1")
     c.worker("w2")
     return c
+
+
+Runner = Callable[["Workflow"], "WorkflowRunner"]
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def make_runner(request: pytest.FixtureRequest, redis_url: str,
+                monkeypatch: pytest.MonkeyPatch) -> Runner:
+    """Runs a test in both modes: in-process threads, and a real cluster."""
+    from orchestrator import WorkflowRunner
+
+    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", redis_url)
+    if request.param == "embedded":
+        return lambda wf: WorkflowRunner(wf)
+    cluster: Cluster = request.getfixturevalue("cluster")
+    return lambda wf: WorkflowRunner(wf, app=cluster.app)

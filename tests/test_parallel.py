@@ -8,22 +8,10 @@ from typing import Any
 import pytest
 import redis
 
-from orchestrator import RunStatus, Workflow, WorkflowRunner
+from orchestrator import RunStatus, WorkflowRunner
 from orchestrator._config import COORDINATOR_QUEUE
 from tests import flows
-from tests.conftest import Cluster, wait_for
-
-Runner = Callable[[Workflow], WorkflowRunner]
-
-
-@pytest.fixture(params=["embedded", "distributed"])
-def make_runner(request: pytest.FixtureRequest, redis_url: str,
-                monkeypatch: pytest.MonkeyPatch) -> Runner:
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", redis_url)
-    if request.param == "embedded":
-        return lambda wf: WorkflowRunner(wf)
-    cluster: Cluster = request.getfixturevalue("cluster")
-    return lambda wf: WorkflowRunner(wf, app=cluster.app)
+from tests.conftest import Cluster, Runner, wait_for
 
 
 def _history(handle: Any, event: str) -> list[dict[str, Any]]:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
 import redis
 from pydantic import ValidationError
@@ -12,28 +10,14 @@ from pydantic import ValidationError
 from orchestrator import (
     RunStatus,
     StoreUnavailable,
-    Workflow,
     WorkflowRunner,
     local_runtime,
 )
 from orchestrator._celery import create_app
 from orchestrator._stores import RedisStore
 from tests import flows
-from tests.conftest import Cluster
+from tests.conftest import Cluster, Runner
 from workers.deploy import build_and_deploy
-
-Runner = Callable[[Workflow], WorkflowRunner]
-
-
-@pytest.fixture(params=["embedded", "distributed"])
-def make_runner(request: pytest.FixtureRequest, redis_url: str,
-                monkeypatch: pytest.MonkeyPatch) -> Iterator[Runner]:
-    monkeypatch.setenv("ORCHESTRATOR_REDIS_URL", redis_url)
-    if request.param == "embedded":
-        yield lambda wf: WorkflowRunner(wf)
-        return
-    cluster: Cluster = request.getfixturevalue("cluster")
-    yield lambda wf: WorkflowRunner(wf, app=cluster.app)
 
 
 def test_build_and_deploy_completes(make_runner: Runner) -> None:
