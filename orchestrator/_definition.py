@@ -317,6 +317,7 @@ class Workflow:
             target = getattr(sd.fn, "__orchestrator_route__", None)
             if target is not None and target != END and target not in built:
                 raise DefinitionError(f"{self.name}: step {name!r} routes to unknown {target!r}")
+        _check_route_cycles(self.name, built)
         return dataclasses.replace(self, steps=built)
 
     def execute(self, fn: Any) -> Workflow:
@@ -369,6 +370,16 @@ class Workflow:
             "state": self.state_model.model_json_schema(),
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_route_cycles(workflow: str, steps: Mapping[str, StepDef]) -> None:
+    for start in steps:
+        seen, step = [start], getattr(steps[start].fn, "__orchestrator_route__", None)
+        while step is not None and step in steps:
+            if step in seen:
+                raise DefinitionError(f"{workflow}: steps {seen} only route to each other")
+            seen.append(step)
+            step = getattr(steps[step].fn, "__orchestrator_route__", None)
 
 
 def _fn_source_id(fn: StepFn) -> str:

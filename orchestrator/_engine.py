@@ -498,6 +498,12 @@ def _revive(d: Decision, task: Task, ev: Tick) -> None:
 
 
 def _goto(d: Decision, spec: FlowSpec, step: str, now: float) -> None:
+    # A step that is only a name (`START: "Clone"`) is followed here instead of spending
+    # a task on it; the definition refuses cycles of such routes.
+    route = spec.steps[step].route
+    while route is not None and route != END and route in spec.steps:
+        _log(d, now, "routed", step=step, next=route)
+        step, route = route, spec.steps[route].route
     _schedule_step(d, step, spec.steps[step].queue, now, spec.steps[step].timeout)
 
 

@@ -159,6 +159,7 @@ class StepSpec:
     backoff_factor: float = 2.0
     max_backoff: float = 300.0
     timeout: float | None = None
+    route: str | None = None  # a step given as a name (`START: "Clone"`) runs no code
 
     def delay_before(self, attempt: int) -> float:
         growth = self.backoff_factor ** max(0, attempt - 2)

@@ -263,8 +263,9 @@ def spec_of(wf: Workflow) -> FlowSpec:
     steps = {}
     for name in wf.step_names():
         o = wf.step_def(name).options
+        route = getattr(wf.step_def(name).fn, "__orchestrator_route__", None)
         steps[name] = StepSpec(o.queue, o.retries, o.backoff, o.backoff_factor, o.max_backoff,
-                               o.timeout)
+                               o.timeout, route)
     return FlowSpec(wf.name, wf.version, steps, reducers_of(wf.state_model))
 
 

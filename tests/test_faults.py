@@ -203,8 +203,8 @@ def test_coordinator_killed_between_commit_and_dispatch(
     result = handle.result(timeout=60)
     assert result.status is RunStatus.COMPLETED
     redispatched = _history(handle, "step_redispatched")
-    assert len(redispatched) == 1 and redispatched[0]["step"] == "__start__"
-    assert len(_history(handle, "step_completed", "__start__")) == 1
+    assert len(redispatched) == 1 and redispatched[0]["step"] == "A"
+    assert len(_history(handle, "step_completed", "A")) == 1
     assert [e["step"] for e in _events(rclient, "x1", "started")] == ["A", "B", "C"]
 
 

@@ -145,3 +145,12 @@ def test_distributed_bad_input_sends_no_message(cluster: Cluster, redis_url: str
     with pytest.raises(ValidationError):
         runner.run({"repo": 42})
     assert client.llen("orchestrator.steps") == 0
+
+
+def test_start_given_as_a_name_costs_no_task(make_runner: Runner) -> None:
+    handle = make_runner(flows.branching).run({"value": 1})
+    assert handle.result(timeout=60).output == "small"
+    history = handle.history()
+    assert [e["step"] for e in history if e["event"] == "step_completed"] == ["Check", "Small"]
+    assert [(e["step"], e["next"]) for e in history if e["event"] == "routed"] == [
+        ("__start__", "Check")]
