@@ -33,6 +33,7 @@ from orchestrator import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the worker imports `bench.gates`
 
 
 def _release(ctx: Any) -> Next:

@@ -32,6 +32,7 @@ class Settings:
     retain_seconds: int = 7 * 24 * 3600
     max_payload: int = 1024 * 1024
     log_format: str = "text"  # or "json": one JSON object a line
+    task_events: bool = False  # send task events from the start, not only while Flower runs
 
     @property
     def broker(self) -> str:
@@ -62,6 +63,10 @@ def _parse(kind: Any, raw: str) -> Any:
     kind = str(kind)
     if kind.startswith("tuple"):
         return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if kind.startswith("bool"):
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(raw)
+        return raw.lower() in ("1", "true", "yes", "on")
     if kind.startswith("float"):
         return float(raw)
     if kind.startswith("int"):
@@ -91,8 +96,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "redis_backend_health_check_interval": 15,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Events cost a publish per task state; Flower switches them on while it watches.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
     }
     for key, url in (("broker_use_ssl", settings.broker), ("redis_backend_use_ssl",
                                                             settings.redis_url)):

@@ -281,7 +281,7 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
     step_queues = sorted({q for wf in runtime.workflows.values() for q in wf.queues().values()}
                          | {DEFAULT_QUEUE})
     _publish(settings, app, hostname)
-    argv = ["worker", "-Q", queues or ",".join(step_queues), "-P", pool, "-l", loglevel, "-E",
+    argv = ["worker", "-Q", queues or ",".join(step_queues), "-P", pool, "-l", loglevel,
             "-n", hostname]
     if concurrency:
         argv += ["-c", str(concurrency)]
@@ -301,7 +301,7 @@ def coordinator(settings: Settings, concurrency: int, loglevel: str, hostname: s
     app.steps["worker"].add(Sweeper)
     _publish(settings, app, hostname)
     app.worker_main(["worker", "-Q", COORDINATOR_QUEUE, "-P", "threads", "-c", str(concurrency),
-                     "-l", loglevel, "-E", "-n", hostname, *celery_args])
+                     "-l", loglevel, "-n", hostname, *celery_args])
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

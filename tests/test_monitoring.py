@@ -38,6 +38,10 @@ def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _get(f"{base}/api/workers?refresh=1"), 60, 0.2,
                  what="Flower's API to list workers")
+        # Workers start without task events (they cost a publish per task); Flower turns
+        # them on when it starts watching.
+        wait_for(lambda: all("enabled by remote" in p.log.read_text() for p in cluster.procs),
+                 60, 0.2, what="Flower to enable task events on the workers")
         handle = WorkflowRunner(build_and_deploy, app=cluster.app).run({"repo": "acme/app"})
         assert handle.result(timeout=60).status is RunStatus.COMPLETED
 
