@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ._records import (
     Approval,
+    BranchResult,
     BranchState,
     FlowSpec,
     Fork,
@@ -127,6 +128,7 @@ class Decide:
 class Join:
     token: int
     now: float
+    results: dict[str, BranchResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class Tick:
     redispatch_after: float = 60.0
     join_after: float = 5.0
     force_after: float = 3600.0  # resend even behind a backlog after this long
+    branch_results: dict[str, BranchResult] = field(default_factory=dict)
 
 
 Event = StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
@@ -232,11 +235,9 @@ def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> floa
         else:
             times.append(rec.task.dispatched_at + redispatch_after)
     if rec.fork is not None:
-        if rec.fork.complete and rec.fork.completed_at is not None:
-            times.append(rec.fork.completed_at + join_after)
+        # Which branches finished is not in the record; the store brings the timer forward
+        # to finished + join_after when the last branch records its result.
         for b in rec.fork.branches.values():
-            if b.done:
-                continue
             if b.task.dispatched_at is not None:
                 times.append(b.task.dispatched_at + redispatch_after)
             elif not rec.paused:
@@ -250,8 +251,7 @@ def live_tasks(rec: RunRecord) -> list[Task]:
     if rec.task is not None and rec.task.dispatched_at is not None:
         tasks.append(rec.task)
     if rec.fork is not None:
-        tasks += [b.task for b in rec.fork.branches.values()
-                  if not b.done and b.task.dispatched_at is not None]
+        tasks += [b.task for b in rec.fork.branches.values() if b.task.dispatched_at is not None]
     return tasks
 
 
@@ -261,10 +261,7 @@ def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
         return False
     if branch is None:
         return rec.task is not None and rec.task.token == token
-    return (
-        rec.fork is not None and rec.fork.token == token
-        and branch in rec.fork.branches and not rec.fork.branches[branch].done
-    )
+    return rec.fork is not None and rec.fork.token == token and branch in rec.fork.branches
 
 
 # ---- handlers -------------------------------------------------------------------------
@@ -274,7 +271,7 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
     if not expects(rec, ev.token, ev.branch):
         return _ignore(f"stale completion for token {ev.token}")
     if ev.branch is not None:
-        return _on_branch_done(rec, ev, spec)
+        raise ValueError("branch results are recorded beside the run, not applied to it")
     assert rec.task is not None
     spec = _need(spec)
     step = rec.task.step
@@ -310,21 +307,6 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
                          f"step {step!r} gathers at {out.target!r}, which is not a step; "
                          f"valid: {_choices(spec)}")
         _fork(d, spec, step, out, ev.now)
-    return d
-
-
-def _on_branch_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decision:
-    assert rec.fork is not None and ev.branch is not None
-    d = Decision(rec)
-    b = rec.fork.branches[ev.branch]
-    b.done, b.output, b.state_patch, b.finished_at = True, ev.outcome.output, ev.state_patch, ev.now
-    _log(d, ev.now, "branch_completed", step=rec.fork.step, branch=ev.branch)
-    if rec.fork.complete:
-        rec.fork.completed_at = ev.now
-        # A retried or re-driven branch is not part of the chord that was sent, so the
-        # chord's join already came and went: this completion joins by itself.
-        if b.task.attempt > 1:
-            return _join(d, _need(spec), ev.now)
     return d
 
 
@@ -432,9 +414,9 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
 def _on_join(rec: RunRecord, ev: Join, spec: FlowSpec | None) -> Decision:
     if rec.status.is_terminal or rec.fork is None or rec.fork.token != ev.token:
         return _ignore(f"no fork waiting at token {ev.token}")
-    if not rec.fork.complete:
+    if not rec.fork.complete(ev.results):
         return _ignore("join before every branch finished")
-    return _join(Decision(rec), _need(spec), ev.now)
+    return _join(Decision(rec), _need(spec), ev.now, ev.results)
 
 
 def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
@@ -453,16 +435,17 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
     if rec.task is not None:
         _revive(d, rec.task, ev)
     if rec.fork is not None:
-        fork = rec.fork
-        if fork.complete and fork.completed_at is not None:
-            if ev.now - fork.completed_at >= ev.join_after:
+        fork, results = rec.fork, ev.branch_results
+        if fork.complete(results):
+            last = max(r.finished_at for r in results.values())
+            if ev.now - last >= ev.join_after:
                 _log(d, ev.now, "join_redriven", step=fork.step)
-                return _join(d, _need(spec), ev.now)
+                return _join(d, _need(spec), ev.now, results)
         elif all(b.task.dispatched_at is None for b in fork.branches.values()):
             _send_fork(d, ev.now)
         else:
-            for b in fork.branches.values():
-                if not b.done:
+            for name, b in fork.branches.items():
+                if name not in results:
                     _revive(d, b.task, ev)
     return d if (d.commands or d.history) else _ignore("nothing due")
 
@@ -573,14 +556,16 @@ def _send_fork(d: Decision, now: float) -> None:
                                tuple(t.model_copy() for t in pending)))
 
 
-def _join(d: Decision, spec: FlowSpec, now: float) -> Decision:
+def _join(
+    d: Decision, spec: FlowSpec, now: float, results: dict[str, BranchResult]
+) -> Decision:
     rec = _rec(d)
     fork = rec.fork
     assert fork is not None
     merged = dict(fork.base_state)
     writers: dict[str, list[str]] = {}
-    for name, b in fork.branches.items():
-        for key in b.state_patch:
+    for name in fork.branches:
+        for key in results[name].state_patch:
             writers.setdefault(key, []).append(name)
     for key, names in writers.items():
         reducer = spec.reducers.get(key)
@@ -590,19 +575,19 @@ def _join(d: Decision, spec: FlowSpec, now: float) -> Decision:
                          f"branches {names} all wrote state key {key!r}; declare a reducer "
                          f"for it in the state model to combine them")
         if reducer is None:
-            merged[key] = fork.branches[names[0]].state_patch[key]
+            merged[key] = results[names[0]].state_patch[key]
         else:
             value = merged.get(key)
             for n in names:
-                value = reducer(value, fork.branches[n].state_patch[key])
+                value = reducer(value, results[n].state_patch[key])
             merged[key] = value
     rec.state = merged
     mapped: dict[str, list[Any]] = {}
     for name, b in fork.branches.items():
         if b.task.has_item:
-            mapped.setdefault(name.rsplit("[", 1)[0], []).append(b.output)
+            mapped.setdefault(name.rsplit("[", 1)[0], []).append(results[name].output)
         else:
-            rec.step_results[name] = b.output
+            rec.step_results[name] = results[name].output
     rec.step_results.update(mapped)
     rec.fork = None
     _log(d, now, "joined", step=fork.step, next=fork.then)

@@ -74,10 +74,16 @@ class Task(BaseModel):
 
 class BranchState(BaseModel):
     task: Task
-    done: bool = False
+
+
+class BranchResult(BaseModel):
+    """A finished branch. Kept beside the record (one hash per fork), never inside it, so
+    branches finishing at once do not contend for the record."""
+
     output: Any = None
     state_patch: dict[str, Any] = Field(default_factory=dict)
-    finished_at: float | None = None
+    finished_at: float
+    attempt: int = 1
 
 
 class Fork(BaseModel):
@@ -89,11 +95,9 @@ class Fork(BaseModel):
     then_queue: str
     branches: dict[str, BranchState]
     base_state: dict[str, Any]
-    completed_at: float | None = None  # when the last branch finished
 
-    @property
-    def complete(self) -> bool:
-        return all(b.done for b in self.branches.values())
+    def complete(self, results: dict[str, BranchResult]) -> bool:
+        return all(name in results for name in self.branches)
 
 
 class Approval(BaseModel):

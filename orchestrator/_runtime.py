@@ -23,7 +23,7 @@ from ._definition import Workflow
 from ._dispatch.base import Dispatcher
 from ._executor import run_task
 from ._logging import run_context
-from ._records import FlowSpec, RunRecord, StepSpec
+from ._records import BranchResult, FlowSpec, RunRecord, StepSpec, Task
 from ._reducers import reducers_of
 from ._stores import Loaded, MemoryStore, RedisStore, RunStore
 
@@ -199,9 +199,11 @@ class Runtime:
                              on_checkpoint=checkpoint)
             log.info("step %s", "finished" if isinstance(event, engine.StepDone) else
                      f"failed: {event.error.type}: {event.error.message}")
+        finished = began.now + (time.monotonic() - started)
+        if branch is not None:
+            return self._finish_branch(store, wf, rec, task, event, finished, lease_id)
         if isinstance(event, engine.StepFailed):
             event = dataclasses.replace(event, attempt=task.attempt)
-        finished = began.now + (time.monotonic() - started)
         # Checkpoints of an imperative body moved the version on: reload instead of reusing.
         first = None if wf.is_imperative else dataclasses.replace(began, now=finished)
         d = self.apply(store, run_id,
@@ -209,10 +211,48 @@ class Runtime:
                        release=lease_id, loaded=first)
         return "ignored" if d.ignored else "done"
 
+    def _finish_branch(self, store: RunStore, wf: Workflow, rec: RunRecord, task: Task,
+                       event: engine.StepDone | engine.StepFailed, finished: float,
+                       lease_id: str) -> str:
+        """A branch's success is kept beside the record (no contention between siblings);
+        a failure goes through the engine (retry, or fail the run and revoke the rest)."""
+        assert rec.fork is not None and task.branch is not None
+        run_id, token, branch = rec.run_id, task.token, task.branch
+        if isinstance(event, engine.StepFailed):
+            if branch in store.branch_results(run_id, token):
+                store.note(run_id, {"at": finished, "event": "ignored", "what": "StepFailed",
+                                    "token": lease_id, "reason": "branch already succeeded"},
+                           lease_id)
+                return "ignored"
+            failed = dataclasses.replace(event, attempt=task.attempt)
+            d = self.apply(store, run_id, lambda r, now: dataclasses.replace(failed, now=now),
+                           self._specs[wf.name], release=lease_id)
+            return "ignored" if d.ignored else "done"
+        result = BranchResult(output=event.outcome.output, state_patch=event.state_patch,
+                              finished_at=finished, attempt=task.attempt)
+        entry = {"at": finished, "event": "branch_completed", "step": rec.fork.step,
+                 "branch": branch}
+        kept = store.record_branch(run_id, token, branch, result, entry, lease_id,
+                                   len(rec.fork.branches), finished + self.settings.join_after)
+        for note in event.notes:
+            store.note(run_id, {"at": finished, **note})
+        if kept is None:
+            store.note(run_id, {"at": finished, "event": "ignored", "what": "StepDone",
+                                "token": lease_id, "reason": "fork closed or branch recorded"},
+                       lease_id)
+            return "ignored"
+        # A retried or re-sent branch was not in the chord that was sent: that chord's join
+        # came and went, so the branch that completes the fork joins it.
+        if kept == len(rec.fork.branches) and task.attempt > 1:
+            self.join(wf.name, run_id, token)
+        return "done"
+
     def join(self, workflow: str, run_id: str, token: int) -> None:
         wf = self.workflow(workflow)
         store = self.store_for(wf.persistence_options.key_prefix)
-        self.apply(store, run_id, lambda r, now: engine.Join(token, now), self._specs[wf.name])
+        results = store.branch_results(run_id, token)
+        self.apply(store, run_id, lambda r, now: engine.Join(token, now, results),
+                   self._specs[wf.name])
 
     # ---- timers and recovery -----------------------------------------------------------
 
@@ -243,12 +283,13 @@ class Runtime:
             return 0
 
         def tick(rec: RunRecord, now: float) -> engine.Event:
-            tasks = engine.live_tasks(rec)
+            results = store.branch_results(run_id, rec.fork.token) if rec.fork else {}
+            tasks = [t for t in engine.live_tasks(rec) if t.branch not in results]
             live = store.live_leases(run_id, [t.lease_id for t in tasks])
             idle = {t.queue for t in tasks if t.lease_id not in live}
             busy = frozenset(q for q in idle if queue_length(q))
             return engine.Tick(now, live, busy, s.redispatch_after, s.join_after,
-                               float(s.visibility_timeout))
+                               float(s.visibility_timeout), results)
 
         d = self.apply(store, run_id, tick, loaded=loaded)
         if not d.changed:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .._records import RunRecord, RunStatus
+from .._records import BranchResult, RunRecord, RunStatus
 
 
 class StoreUnavailable(ConnectionError):
@@ -71,6 +71,17 @@ class RunStore(abc.ABC):
         """Append a history entry without touching the record (e.g. an ignored completion)."""
 
     @abc.abstractmethod
+    def record_branch(self, run_id: str, token: int, branch: str, result: BranchResult,
+                      entry: dict[str, Any], release: str, width: int,
+                      join_at: float) -> int | None:
+        """Keep a branch's result if fork `token` is still open and the branch has none yet:
+        how many branches have results now, or None if this one was not kept. When the
+        last arrives, the run's timer moves to `join_at` (a lost chord join is re-driven)."""
+
+    @abc.abstractmethod
+    def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]: ...
+
+    @abc.abstractmethod
     def claim_due(self, limit: int, hold_for: float) -> list[str]:
         """Run ids whose timer is due; each is pushed `hold_for` seconds ahead so
         concurrent sweepers do not take the same run."""
@@ -112,6 +123,15 @@ class RunStore(abc.ABC):
             yield
         finally:
             stop.set()
+
+
+def closed_fork(previous: RunRecord, record: RunRecord) -> int | None:
+    """The token of a fork `previous` had open and `record` no longer has."""
+    if previous.fork is None:
+        return None
+    if record.fork is not None and record.fork.token == previous.fork.token:
+        return None
+    return previous.fork.token
 
 
 def gate_approvers(record: RunRecord | None) -> set[str]:

@@ -7,8 +7,8 @@ import threading
 import time
 from typing import Any
 
-from .._records import RunRecord, RunStatus
-from .base import Loaded, RunStore
+from .._records import BranchResult, RunRecord, RunStatus
+from .base import Loaded, RunStore, closed_fork
 
 
 class MemoryStore(RunStore):
@@ -19,6 +19,7 @@ class MemoryStore(RunStore):
         self._history: dict[str, list[str]] = {}
         self._leases: dict[tuple[str, str], tuple[float, int]] = {}
         self._due: dict[str, float] = {}
+        self._forks: dict[tuple[str, int], dict[str, str]] = {}
 
     def now(self) -> float:
         return time.time()
@@ -78,6 +79,9 @@ class MemoryStore(RunStore):
                 return False
             self._docs[record.run_id] = (version + 1, record.model_dump_json())
             self._history[record.run_id].extend(json.dumps(h) for h in history)
+            closed = closed_fork(previous, record)
+            if closed is not None:
+                self._forks.pop((record.run_id, closed), None)
             if release is not None:
                 self._leases.pop((record.run_id, release), None)
             self._set_due(record.run_id, due)
@@ -95,6 +99,28 @@ class MemoryStore(RunStore):
                 self._history[run_id].append(json.dumps(entry))
             if release is not None:
                 self._leases.pop((run_id, release), None)
+
+    def record_branch(self, run_id: str, token: int, branch: str, result: BranchResult,
+                      entry: dict[str, Any], release: str, width: int,
+                      join_at: float) -> int | None:
+        with self._lock:
+            rec = self._load(run_id).record
+            if rec is None or rec.fork is None or rec.fork.token != token:
+                return None
+            results = self._forks.setdefault((run_id, token), {})
+            if branch in results:
+                return None
+            results[branch] = result.model_dump_json()
+            self._history[run_id].append(json.dumps(entry))
+            self._leases.pop((run_id, release), None)
+            if len(results) >= width:
+                self._due[run_id] = min(self._due.get(run_id, join_at), join_at)
+            return len(results)
+
+    def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]:
+        with self._lock:
+            raw = dict(self._forks.get((run_id, token), {}))
+        return {k: BranchResult.model_validate_json(v) for k, v in raw.items()}
 
     def set_due(self, run_id: str, due: float | None) -> None:
         with self._lock:

@@ -2,9 +2,10 @@
 
 Key schema (P is the workflow's key prefix; {id} is a hash tag, so one run's keys share a
 slot):
-    P run:{id}               hash  v (version), doc (RunRecord JSON)
+    P run:{id}               hash  v (version), doc (RunRecord JSON), fork (its token)
     P run:{id}:history       list  history entries, appended, never rewritten
     P run:{id}:lease:<task>  str   present while a worker runs <task> (TTL, heartbeat)
+    P run:{id}:fork:<token>  hash  branch -> result, for the open fork (dropped at its join)
     P due                    zset  run id -> when the sweep must look at it
     P runs                   zset  run id -> created
     P status                 hash  run id -> status
@@ -25,8 +26,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .._records import RunRecord, RunStatus
-from .base import Loaded, RunStore, StoreUnavailable, gate_approvers
+from .._records import BranchResult, RunRecord, RunStatus
+from .base import Loaded, RunStore, StoreUnavailable, closed_fork, gate_approvers
 
 T = TypeVar("T")
 
@@ -73,6 +74,7 @@ class RedisStore(RunStore):
         self._create = self.redis.register_script(_script("create.lua"))
         self._commit = self.redis.register_script(_script("commit.lua"))
         self._claim = self.redis.register_script(_script("claim_due.lua"))
+        self._record_branch = self.redis.register_script(_script("record_branch.lua"))
 
     # ---- keys ----------------------------------------------------------------------
 
@@ -84,6 +86,9 @@ class RedisStore(RunStore):
 
     def _lease(self, run_id: str, task_id: str) -> str:
         return f"{self._rec(run_id)}:lease:{task_id}"
+
+    def _fork(self, run_id: str, token: int) -> str:
+        return f"{self._rec(run_id)}:fork:{token}"
 
     def _idx(self, name: str) -> str:
         return f"{self.key_prefix}{name}"
@@ -152,15 +157,34 @@ class RedisStore(RunStore):
             gate_op, who = "open", after
         elif before and not after:
             gate_op, who = "close", before
+        closed = closed_fork(previous, record)
         keys = [self._rec(run_id), self._hist(run_id),
                 self._lease(run_id, release) if release else self._rec(run_id),
                 self._idx("due"), self._idx("status"), self._idx("gates"),
+                self._fork(run_id, closed) if closed is not None else self._rec(run_id),
                 *(self._idx(f"gates:{w}") for w in sorted(who))]
         retain = self.retain_seconds if record.status.is_terminal else 0
         args = [version, record.model_dump_json(), run_id, record.status.value,
                 "" if due is None else repr(due), retain, gate_op,
+                "" if record.fork is None else str(record.fork.token),
                 *(json.dumps(h) for h in history)]
         return bool(self._commit(keys=keys, args=args))
+
+    @_unavailable
+    def record_branch(self, run_id: str, token: int, branch: str, result: BranchResult,
+                      entry: dict[str, Any], release: str, width: int,
+                      join_at: float) -> int | None:
+        n = int(self._record_branch(
+            keys=[self._rec(run_id), self._fork(run_id, token), self._hist(run_id),
+                  self._lease(run_id, release), self._idx("due")],
+            args=[token, branch, result.model_dump_json(), json.dumps(entry), width, run_id,
+                  repr(join_at)]))
+        return n if n >= 0 else None
+
+    @_unavailable
+    def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]:
+        raw = self.redis.hgetall(self._fork(run_id, token))
+        return {_text(k): BranchResult.model_validate_json(v) for k, v in raw.items()}
 
     @_unavailable
     def claim_due(self, limit: int, hold_for: float) -> list[str]:
