@@ -577,9 +577,15 @@ def _join(
         if reducer is None:
             merged[key] = results[names[0]].state_patch[key]
         else:
-            value = merged.get(key)
-            for n in names:
-                value = reducer(value, results[n].state_patch[key])
+            updates = [results[n].state_patch[key] for n in names]
+            value = merged[key] if key in merged else updates.pop(0)
+            try:
+                for update in updates:
+                    value = reducer(value, update)
+            except Exception as exc:  # user code: fail the run, never the join task
+                rec.fork = None
+                return _fail(d, now, fork.step, "ReducerError",
+                             f"reducer for {key!r} failed: {type(exc).__name__}: {exc}")
             merged[key] = value
     rec.state = merged
     mapped: dict[str, list[Any]] = {}

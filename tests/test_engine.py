@@ -1,0 +1,437 @@
+"""The pure engine, one transition at a time: no Redis, no Celery, no clock."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator import ControlError
+from orchestrator import _engine as engine
+from orchestrator._engine import (
+    END,
+    START,
+    BranchSpec,
+    Checkpoint,
+    Decide,
+    GateSpec,
+    Join,
+    Outcome,
+    Pause,
+    Resume,
+    Revoke,
+    SendFork,
+    SendTask,
+    StepDone,
+    StepFailed,
+    Stop,
+    Tick,
+)
+from orchestrator._records import (
+    BranchResult,
+    FlowSpec,
+    RunError,
+    RunRecord,
+    RunStatus,
+    StepSpec,
+)
+
+SPEC = FlowSpec("W", "v1", {
+    START: StepSpec("q", route="A"),
+    "A": StepSpec("q"),
+    "B": StepSpec("q2", retries=2, backoff=1.0, backoff_factor=2.0),
+    "C": StepSpec("q"),
+}, reducers={"logs": operator.add})
+
+
+def started() -> RunRecord:
+    d = engine.start(SPEC, "r1", {}, {"n": 0}, now=100.0)
+    assert d.record is not None
+    return d.record
+
+
+def goto(target: str, output: Any = None, has_output: bool = False) -> Outcome:
+    return Outcome("goto", target, output, has_output)
+
+
+def done(rec: RunRecord, outcome: Outcome, patch: dict[str, Any] | None = None,
+         now: float = 101.0) -> engine.Decision:
+    assert rec.task is not None
+    return engine.apply(rec, StepDone(rec.task.token, now, patch or {}, outcome), SPEC)
+
+
+def sent(d: engine.Decision) -> list[str]:
+    return [c.task.step for c in d.commands if isinstance(c, SendTask)]
+
+
+def at(rec: RunRecord, step: str) -> RunRecord:
+    """Drive a fresh run to `step` (A, then goto)."""
+    d = done(rec, goto(step))
+    assert d.record is not None
+    return d.record
+
+
+# ---- start and plain transitions ---------------------------------------------------------
+
+
+def test_start_follows_a_route_and_sends_the_first_step() -> None:
+    d = engine.start(SPEC, "r1", {"x": 1}, {"n": 0}, now=100.0)
+    assert d.record is not None and d.record.status is RunStatus.RUNNING
+    assert sent(d) == ["A"] and d.record.current_step == "A"
+    assert [h["event"] for h in d.history] == ["started", "routed"]
+    assert d.record.task is not None and d.record.task.token == 1
+
+
+def test_step_returning_a_name_sends_that_step() -> None:
+    d = done(started(), goto("B"), {"n": 5})
+    assert d.record is not None and sent(d) == ["B"]
+    assert d.record.state == {"n": 5} and d.record.task.queue == "q2"  # type: ignore[union-attr]
+    assert d.record.task.token == 2  # type: ignore[union-attr]
+
+
+def test_step_returning_end_completes_with_output() -> None:
+    d = done(started(), goto(END, {"ok": True}, True))
+    assert d.record is not None and d.record.status is RunStatus.COMPLETED
+    assert d.record.output == {"ok": True} and d.record.step_results["A"] == {"ok": True}
+    assert d.commands == [] and d.record.task is None
+
+
+def test_next_records_the_output_under_the_step() -> None:
+    d = done(started(), goto("C", [1, 2], True))
+    assert d.record is not None and d.record.step_results == {"A": [1, 2]}
+
+
+def test_unknown_step_fails_naming_the_valid_ones() -> None:
+    d = done(started(), goto("Nope"))
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+    err = d.record.error
+    assert err is not None and err.type == "UnknownStep" and err.step == "A"
+    assert "'Nope'" in err.message and all(s in err.message for s in ("A", "B", "C", "END"))
+
+
+def test_returning_start_is_not_a_valid_step() -> None:
+    d = done(started(), goto(START))
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+
+
+def test_duplicate_completion_is_ignored() -> None:
+    rec = started()
+    first = done(rec, goto("B"))
+    assert first.record is not None
+    again = engine.apply(first.record, StepDone(1, 102.0, {}, goto("C")), SPEC)
+    assert not again.changed and again.ignored
+
+
+def test_apply_never_mutates_its_input() -> None:
+    rec = started()
+    snapshot = rec.model_dump()
+    done(rec, goto("B"), {"n": 1})
+    engine.apply(rec, Stop(101.0), SPEC)
+    assert rec.model_dump() == snapshot
+
+
+# ---- failures and retries ---------------------------------------------------------------
+
+
+def fail(rec: RunRecord, now: float = 101.0, retryable: bool = True,
+         attempt: int = 0) -> engine.Decision:
+    assert rec.task is not None
+    error = RunError(type="ConnectionError", message="boom", traceback="Traceback ...")
+    return engine.apply(rec, StepFailed(rec.task.token, now, error, retryable,
+                                        attempt=attempt), SPEC)
+
+
+def test_failure_retries_with_backoff_then_fails_keeping_the_traceback() -> None:
+    rec = at(started(), "B")
+    token = rec.task.token  # type: ignore[union-attr]
+    d = fail(rec, now=200.0)
+    assert d.record is not None and d.commands == []  # backoff: a timer, not a message
+    task = d.record.task
+    assert task is not None and task.attempt == 2 and task.due_at == 201.0
+    assert task.token == token and task.dispatched_at is None
+    assert engine.next_due(d.record, 60, 5) == 201.0
+    fired = engine.apply(d.record, Tick(201.0), SPEC)
+    assert fired.record is not None and sent(fired) == ["B"]
+    d2 = fail(fired.record, now=202.0)
+    assert d2.record is not None and d2.record.task.due_at == 204.0  # type: ignore[union-attr]
+    d3 = fail(engine.apply(d2.record, Tick(204.0), SPEC).record, now=205.0)  # type: ignore[arg-type]
+    assert d3.record is not None and d3.record.status is RunStatus.FAILED
+    assert d3.record.error is not None and d3.record.error.step == "B"
+    assert d3.record.error.traceback == "Traceback ..."
+
+
+def test_non_retryable_failure_fails_at_once() -> None:
+    d = fail(at(started(), "B"), retryable=False)
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+
+
+def test_failure_of_an_older_attempt_is_ignored() -> None:
+    d = fail(at(started(), "B"))
+    assert d.record is not None
+    stale = fail(d.record, attempt=1)
+    assert not stale.changed
+
+
+def test_checkpoint_merges_state_for_the_current_token_only() -> None:
+    rec = started()
+    d = engine.apply(rec, Checkpoint(1, 101.0, {"n": 3}), SPEC)
+    assert d.record is not None and d.record.state == {"n": 3}
+    assert not engine.apply(rec, Checkpoint(9, 101.0, {"n": 4}), SPEC).changed
+
+
+# ---- pause, resume, stop --------------------------------------------------------------
+
+
+def test_pause_holds_the_next_step_until_resume() -> None:
+    rec = engine.apply(started(), Pause(100.5), SPEC).record
+    assert rec is not None and rec.status is RunStatus.PAUSED
+    d = done(rec, goto("B"))
+    assert d.record is not None and d.commands == [] and d.record.status is RunStatus.PAUSED
+    assert d.record.task is not None and d.record.task.dispatched_at is None
+    assert engine.next_due(d.record, 60, 5) is None  # no timer while paused
+    resumed = engine.apply(d.record, Resume(103.0), SPEC)
+    assert resumed.record is not None and sent(resumed) == ["B"]
+    assert resumed.record.status is RunStatus.RUNNING
+
+
+def test_pause_twice_and_resume_unpaused_change_nothing() -> None:
+    rec = engine.apply(started(), Pause(100.5), SPEC).record
+    assert rec is not None
+    assert not engine.apply(rec, Pause(101.0), SPEC).changed
+    assert not engine.apply(started(), Resume(101.0), SPEC).changed
+
+
+def test_stop_revokes_in_flight_work_and_ignores_late_results() -> None:
+    rec = started()
+    d = engine.apply(rec, Stop(101.0, "enough"), SPEC)
+    assert d.record is not None and d.record.status is RunStatus.STOPPED
+    assert d.commands == [Revoke(("r1:1:1",))]
+    assert not engine.apply(d.record, StepDone(1, 102.0, {}, goto("B")), SPEC).changed
+    with pytest.raises(ControlError, match="stopped"):
+        engine.apply(d.record, Resume(103.0), SPEC)
+    with pytest.raises(ControlError):
+        engine.apply(d.record, Pause(103.0), SPEC)
+
+
+# ---- gates ------------------------------------------------------------------------------
+
+
+def gate(**kw: Any) -> Outcome:
+    options = {"approvers": ("ann", "bob"), "then": "B", **kw}
+    return Outcome("wait", options["then"], gate=GateSpec(**options))
+
+
+def waiting(**kw: Any) -> RunRecord:
+    d = done(started(), gate(**kw))
+    assert d.record is not None and d.record.status is RunStatus.WAITING and d.commands == []
+    return d.record
+
+
+def decide(rec: RunRecord, approve: bool, by: str, now: float = 110.0) -> engine.Decision:
+    return engine.apply(rec, Decide(now, approve, by, "why"), SPEC)
+
+
+def test_approval_sends_the_next_step_and_records_the_decision() -> None:
+    d = decide(waiting(), True, "ann")
+    assert d.record is not None and sent(d) == ["B"] and d.record.gate is None
+    result = d.record.step_results["A"]
+    assert result["decision"] == "approved" and result["by"] == "ann"
+    assert result["comment"] == "why" and result["at"] == 110.0
+
+
+def test_only_listed_approvers_decide() -> None:
+    rec = waiting()
+    with pytest.raises(PermissionError, match="eve"):
+        decide(rec, True, "eve")
+    with pytest.raises(PermissionError):
+        decide(rec, False, "eve")
+
+
+def test_quorum_counts_distinct_approvers() -> None:
+    rec = waiting(min_approvals=2)
+    one = decide(rec, True, "ann").record
+    assert one is not None and one.status is RunStatus.WAITING
+    assert not decide(one, True, "ann").changed
+    two = decide(one, True, "bob")
+    assert two.record is not None and sent(two) == ["B"]
+    assert [a["by"] for a in two.record.step_results["A"]["approvals"]] == ["ann", "bob"]
+
+
+def test_reject_without_on_reject_fails_naming_who_and_why() -> None:
+    d = decide(waiting(), False, "bob")
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+    assert d.record.error is not None and d.record.error.type == "GateRejected"
+    assert "bob" in d.record.error.message and "why" in d.record.error.message
+
+
+def test_reject_with_on_reject_goes_there() -> None:
+    d = decide(waiting(on_reject="C"), False, "bob")
+    assert d.record is not None and sent(d) == ["C"]
+    assert d.record.step_results["A"]["reason"] == "why"
+
+
+def test_gate_timeout_fires_from_the_sweep() -> None:
+    rec = waiting(timeout=30.0, on_timeout="C")
+    assert engine.next_due(rec, 60, 5) == 131.0
+    assert not engine.apply(rec, Tick(130.0), SPEC).changed
+    d = engine.apply(rec, Tick(131.0), SPEC)
+    assert d.record is not None and sent(d) == ["C"]
+    assert d.record.step_results["A"]["decision"] == "timed_out"
+    failed = engine.apply(waiting(timeout=30.0), Tick(131.0), SPEC)
+    assert failed.record is not None and failed.record.error is not None
+    assert failed.record.error.type == "GateTimeout"
+
+
+def test_gate_naming_an_unknown_step_fails() -> None:
+    d = done(started(), gate(then="Nowhere"))
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+
+
+def test_approval_while_paused_waits_for_resume() -> None:
+    paused = engine.apply(waiting(), Pause(105.0), SPEC).record
+    assert paused is not None and paused.status is RunStatus.PAUSED
+    d = decide(paused, True, "ann")
+    assert d.record is not None and d.commands == [] and d.record.status is RunStatus.PAUSED
+    resumed = engine.apply(d.record, Resume(111.0), SPEC)
+    assert sent(resumed) == ["B"]
+
+
+def test_deciding_without_a_gate_or_after_the_end_is_refused() -> None:
+    with pytest.raises(ControlError, match="no gate"):
+        decide(started(), True, "ann")
+    stopped = engine.apply(waiting(), Stop(106.0), SPEC).record
+    assert stopped is not None
+    with pytest.raises(ControlError, match="stopped"):
+        decide(stopped, True, "ann")
+
+
+# ---- parallel ---------------------------------------------------------------------------
+
+
+def branches(*names: str, mapped: bool = False) -> Outcome:
+    specs = tuple(BranchSpec(n, f"m:{n}", "q", item=i if mapped else None, has_item=mapped)
+                  for i, n in enumerate(names))
+    return Outcome("parallel", "C", branches=specs)
+
+
+def forked(*names: str, mapped: bool = False) -> RunRecord:
+    d = done(started(), branches(*names, mapped=mapped), {"n": 1})
+    assert d.record is not None and d.record.fork is not None
+    (cmd,) = d.commands
+    assert isinstance(cmd, SendFork) and [t.branch for t in cmd.tasks] == list(names)
+    return d.record
+
+
+def result(output: Any, patch: dict[str, Any] | None = None, at: float = 120.0) -> BranchResult:
+    return BranchResult(output=output, state_patch=patch or {}, finished_at=at)
+
+
+def test_join_before_every_branch_finished_is_ignored() -> None:
+    rec = forked("x", "y")
+    assert not engine.apply(rec, Join(rec.fork.token, 121.0, {"x": result(1)}), SPEC).changed  # type: ignore[union-attr]
+
+
+def test_join_merges_branch_state_and_outputs() -> None:
+    rec = forked("x", "y")
+    token = rec.fork.token  # type: ignore[union-attr]
+    d = engine.apply(rec, Join(token, 121.0, {
+        "x": result("X", {"a": 1, "logs": ["x"]}), "y": result("Y", {"b": 2, "logs": ["y"]})}),
+        SPEC)
+    assert d.record is not None and sent(d) == ["C"] and d.record.fork is None
+    assert d.record.state == {"n": 1, "a": 1, "b": 2, "logs": ["x", "y"]}  # reducer: add
+    assert d.record.step_results["x"] == "X" and d.record.step_results["y"] == "Y"
+    assert not engine.apply(d.record, Join(token, 122.0, {}), SPEC).changed
+
+
+def test_two_branches_writing_a_key_without_a_reducer_fail() -> None:
+    rec = forked("x", "y")
+    d = engine.apply(rec, Join(rec.fork.token, 121.0, {  # type: ignore[union-attr]
+        "x": result(1, {"k": 1}), "y": result(2, {"k": 2})}), SPEC)
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+    assert d.record.error is not None and d.record.error.type == "StateConflict"
+    assert "'k'" in d.record.error.message and "x" in d.record.error.message
+
+
+def test_map_branches_give_a_list_in_input_order() -> None:
+    names = ("f[0]", "f[1]", "f[2]")
+    rec = forked(*names, mapped=True)
+    d = engine.apply(rec, Join(rec.fork.token, 121.0, {  # type: ignore[union-attr]
+        "f[2]": result(20), "f[0]": result(0), "f[1]": result(10)}), SPEC)
+    assert d.record is not None and d.record.step_results["f"] == [0, 10, 20]
+
+
+def test_failed_branch_fails_the_run_and_revokes_its_siblings() -> None:
+    rec = forked("x", "y")
+    error = RunError(type="RuntimeError", message="on fire")
+    d = engine.apply(rec, StepFailed(rec.fork.token, 121.0, error, branch="x"), SPEC)  # type: ignore[union-attr]
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+    assert d.record.error is not None and d.record.error.step == "A[x]"
+    (revoke,) = d.commands
+    assert isinstance(revoke, Revoke) and revoke.task_ids == ("r1:2:y:1",)
+
+
+def test_tick_redrives_a_lost_join() -> None:
+    rec = forked("x", "y")
+    done_all = {"x": result(1, at=120.0), "y": result(2, at=121.0)}
+    assert not engine.apply(rec, Tick(123.0, join_after=5.0, branch_results=done_all),
+                            SPEC).changed
+    d = engine.apply(rec, Tick(126.0, join_after=5.0, branch_results=done_all), SPEC)
+    assert d.record is not None and sent(d) == ["C"]
+    assert "join_redriven" in [h["event"] for h in d.history]
+
+
+# ---- recovery -------------------------------------------------------------------------
+
+
+def test_tick_resends_lost_work_but_not_live_or_queued_work() -> None:
+    rec = started()  # A was sent at 100
+    assert engine.next_due(rec, 60, 5) == 160.0
+    assert not engine.apply(rec, Tick(150.0), SPEC).changed  # not yet overdue
+    live = Tick(170.0, live_tasks=frozenset({"1"}))
+    assert not engine.apply(rec, live, SPEC).changed
+    queued = Tick(170.0, busy_queues=frozenset({"q"}))
+    assert not engine.apply(rec, queued, SPEC).changed
+    d = engine.apply(rec, Tick(170.0), SPEC)
+    assert d.record is not None and sent(d) == ["A"]
+    assert d.record.task is not None and d.record.task.attempt == 2
+    forced = engine.apply(rec, Tick(4000.0, busy_queues=frozenset({"q"})), SPEC)
+    assert sent(forced) == ["A"]
+
+
+# ---- properties ------------------------------------------------------------------------
+
+EVENTS = st.sampled_from(["done_B", "done_END", "fail", "pause", "resume", "stop", "tick"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(EVENTS, max_size=25))
+def test_any_event_sequence_keeps_the_invariants(script: list[str]) -> None:
+    rec = started()
+    now = 100.0
+    for name in script:
+        now += 1.0
+        token = rec.task.token if rec.task is not None else 0
+        event: engine.Event = {
+            "done_B": StepDone(token, now, {}, goto("B")),
+            "done_END": StepDone(token, now, {}, goto(END)),
+            "fail": StepFailed(token, now, RunError(type="E", message="m")),
+            "pause": Pause(now), "resume": Resume(now), "stop": Stop(now), "tick": Tick(now),
+        }[name]
+        try:
+            d = engine.apply(rec, event, SPEC)
+        except ControlError:
+            assert rec.status.is_terminal  # control is refused only once it is over
+            continue
+        if d.record is None:
+            continue
+        assert d.record.seq >= rec.seq
+        if rec.status.is_terminal:
+            raise AssertionError("a finished run changed")
+        if d.record.paused:
+            assert not any(isinstance(c, SendTask) for c in d.commands)
+        tokens = [c.task.token for c in d.commands if isinstance(c, SendTask)]
+        assert len(tokens) == len(set(tokens))
+        rec = d.record
