@@ -114,8 +114,9 @@ def ours(url: str, runs: int, hops: int, chords: int, width: int) -> dict[str, f
         wait_until(lambda: completed([handle.run_id]))
         hop_ms = (time.perf_counter() - t) / hops * 1000
         ticks = [e["at"] for e in handle.history() if e["event"] == "step_completed"]
-        first = (ticks[50] - ticks[0]) / 50
-        last = (ticks[-1] - ticks[-51]) / 50
+        window = min(50, (len(ticks) - 1) // 2)
+        first = (ticks[window] - ticks[0]) / window
+        last = (ticks[-1] - ticks[-1 - window]) / window
 
         runner = WorkflowRunner(noop10, app=app)
         t = time.perf_counter()
@@ -138,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100, help="chains/runs of 10 in flight")
-    parser.add_argument("--loop", type=int, default=200, help="hops for per-step latency")
+    parser.add_argument("--loop", type=int, default=200,
+                        help="hops for per-step latency (at least 3)")
     parser.add_argument("--chords", type=int, default=50)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
