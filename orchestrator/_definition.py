@@ -62,11 +62,6 @@ class StepOptions:
         if not self.queue:
             raise DefinitionError("queue must be a non-empty string")
 
-    def delay_before(self, attempt: int) -> float:
-        """Backoff before `attempt` (2 is the first retry): exponential, capped."""
-        growth = self.backoff_factor ** max(0, attempt - 2)
-        return float(min(self.max_backoff, self.backoff * growth))
-
 
 StepFn = Callable[..., Any]
 

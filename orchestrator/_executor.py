@@ -60,6 +60,10 @@ def run_task(
             returned = _call(step_def, ctx, task.timeout)
         finally:
             notes = [{**n, "step": where} for n in agents.close_leftovers()]
+        if task.branch is not None and isinstance(returned, Next | Wait | Parallel):
+            raise _BadResult(
+                f"a branch returns its output, not {type(returned).__name__}: fan out again "
+                f"from the step after the join")
         if task.branch is not None or wf.is_imperative:
             outcome = Outcome("goto", END, _output(returned, step_def, max_payload), True)
         else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
@@ -13,7 +12,7 @@ from pydantic import BaseModel
 from . import _engine as engine
 from ._celery import host, runtime_of
 from ._config import Settings
-from ._definition import Workflow
+from ._definition import DefinitionError, Workflow
 from ._dispatch.local import LocalDispatcher
 from ._records import Gate, RunRecord, RunResult, RunStatus
 from ._runtime import RunNotFound, Runtime, memory_runtime
@@ -54,6 +53,11 @@ class WorkflowRunner:
     ) -> None:
         workflow.check_complete()
         self.workflow = workflow
+        durable = workflow.persistence_options
+        if app is not None and (not durable.enabled or durable.store != "redis"):
+            raise DefinitionError(
+                f"{workflow.name} keeps its state in memory (.persistence(enabled="
+                f"{durable.enabled}, store={durable.store!r})): it can only run embedded")
         if app is not None:
             host(app, workflow)
             runtime = runtime_of(app)
@@ -126,21 +130,6 @@ class RunHandle:
             time.sleep(wait if deadline is None else min(wait, max(0.0, deadline -
                                                                    time.monotonic())))
             wait = min(wait * 1.5, 0.25)
-
-    def follow(self, poll: float = 0.05) -> Iterator[dict[str, Any]]:
-        """History entries as they are written, until the run finishes."""
-        seen = 0
-        while True:
-            entries = self._store.history(self.run_id, seen)
-            seen += len(entries)
-            yield from entries
-            if not entries and self.status().is_terminal:
-                if not (more := self._store.history(self.run_id, seen)):
-                    return
-                seen += len(more)
-                yield from more
-            elif not entries:
-                time.sleep(poll)
 
     # ---- control ----------------------------------------------------------------------
 

@@ -102,7 +102,6 @@ def publish(client: redis.Redis, workflows: Iterable[Workflow],
             if old.version == entry.version:
                 entry.hosts = sorted(set(old.hosts) | {host})
         client.hset(CATALOG_KEY, wf.name, entry.model_dump_json())
-        client.hset(f"{CATALOG_KEY}:versions:{wf.name}", entry.version, entry.model_dump_json())
         entries.append(entry)
     return entries
 
@@ -110,8 +109,3 @@ def publish(client: redis.Redis, workflows: Iterable[Workflow],
 def read_catalog(client: redis.Redis) -> dict[str, CatalogEntry]:
     return {(k.decode() if isinstance(k, bytes) else str(k)): CatalogEntry.model_validate_json(v)
             for k, v in client.hgetall(CATALOG_KEY).items()}
-
-
-def catalog_version(client: redis.Redis, name: str, version: str) -> CatalogEntry | None:
-    raw = client.hget(f"{CATALOG_KEY}:versions:{name}", version)
-    return CatalogEntry.model_validate_json(raw) if raw is not None else None

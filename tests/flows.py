@@ -395,3 +395,13 @@ parked = Workflow("Parked").persistence(key_prefix="parked:").flow({
     START: lambda ctx: Wait(HumanApproval(approvers=["ops-lead"]), "Release"),
     "Release": lambda ctx: Next(END, output="released"),
 })
+
+
+def nests(ctx: Any) -> Parallel:
+    return Parallel([linux], "Join3")
+
+
+nested_in_branch = Workflow("NestedInBranch").state(FanState).flow({
+    START: "Fork", "Fork": lambda ctx: Parallel([nests], "Join3"),
+    "Join3": lambda ctx: END,
+})

@@ -81,3 +81,10 @@ def test_lost_join_message_is_redriven_by_the_sweep(cluster_factory: Callable[..
     assert result.output == [1, 2, 5, 10]
     assert len(_history(handle, "join_redriven")) == 1
     assert len(_history(handle, "joined")) == 1
+
+
+def test_a_branch_cannot_fan_out_inside_itself(make_runner: Runner) -> None:
+    result = make_runner(flows.nested_in_branch).run().result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and result.error.step == "Fork[nests]"
+    assert "a branch returns its output" in result.error.message

@@ -154,3 +154,12 @@ def test_start_given_as_a_name_costs_no_task(make_runner: Runner) -> None:
     assert [e["step"] for e in history if e["event"] == "step_completed"] == ["Check", "Small"]
     assert [(e["step"], e["next"]) for e in history if e["event"] == "routed"] == [
         ("__start__", "Check")]
+
+
+def test_in_memory_persistence_cannot_run_on_a_cluster(cluster: Cluster) -> None:
+    from orchestrator import DefinitionError
+
+    in_memory = flows.branching.persistence(store="memory")
+    with pytest.raises(DefinitionError, match="only run embedded"):
+        WorkflowRunner(in_memory, app=cluster.app)
+    assert WorkflowRunner(in_memory).run({"value": 1}).result(timeout=30).output == "small"
