@@ -8,11 +8,8 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
-from typing import Any
 
 import click
 import pytest
@@ -20,25 +17,11 @@ import yaml
 
 from orchestrator import Settings
 from orchestrator.cli import cli
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, answers, free_port, get_json, wait_for
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 APP_SERVICES = ["coordinator", "worker", "flower", "example"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_compose_has_the_topology() -> None:
@@ -89,7 +72,7 @@ def _dev(*args: str) -> list[str]:
 
 
 def test_dev_starts_the_topology_and_runs_the_example() -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ORCHESTRATOR_WORKFLOWS": "workers"}
     proc = subprocess.run(_dev("--workers", "2", "--no-flower", "--redis-port", str(port),
                                "--exit-after-example"),
@@ -100,31 +83,23 @@ def test_dev_starts_the_topology_and_runs_the_example() -> None:
         assert name in out, name
     assert "ready: coordinator and 2 worker(s)" in out
     assert "completed" in out and "example finished with exit code 0" in out
-    assert not _answers(port)  # its redis-server stopped with it
-
-
-def _get(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
+    assert not answers(port)  # its redis-server stopped with it
 
 
 def test_dev_with_flower_stops_everything_on_sigterm() -> None:
-    port, flower_port = _free_port(), _free_port()
+    port, flower_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ORCHESTRATOR_WORKFLOWS": "workers"}
     proc = subprocess.Popen(_dev("--workers", "1", "--redis-port", str(port), "--flower-port",
                                  str(flower_port), "--no-example"),
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        workers = wait_for(lambda: _get(f"http://127.0.0.1:{flower_port}/api/workers"), 120,
+        workers = wait_for(lambda: get_json(f"http://127.0.0.1:{flower_port}/api/workers"), 120,
                            0.2, what="Flower's API")
         assert any(name.startswith("worker1@") for name in workers)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        assert not _answers(flower_port) and not _answers(port)
+        assert not answers(flower_port) and not answers(port)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from orchestrator import RunStatus, WorkflowRunner
-from tests.conftest import Cluster, Process, wait_for
+from tests.conftest import Cluster, Process, free_port, get_json, wait_for
 from workers.deploy import build_and_deploy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
-
-
 def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**cluster.env, "FLOWER_UNAUTHENTICATED_API": "true"}
     flower = Process("flower", [sys.executable, "-m", "orchestrator.cli", "flower",
                                 f"--port={port}", "--address=127.0.0.1"],
                      env, cluster.tmp / "flower.log")
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _get(f"{base}/api/workers?refresh=1"), 60, 0.2,
+        wait_for(lambda: get_json(f"{base}/api/workers?refresh=1"), 60, 0.2,
                  what="Flower's API to list workers")
         # Workers start without task events (they cost a publish per task); Flower turns
         # them on when it starts watching.
@@ -46,14 +30,14 @@ def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
         assert handle.result(timeout=60).status is RunStatus.COMPLETED
 
         def clone_task() -> dict[str, Any] | None:
-            tasks = _get(f"{base}/api/tasks") or {}
+            tasks = get_json(f"{base}/api/tasks") or {}
             return next((t for t in tasks.values() if t.get("name") == "BuildAndDeploy.Clone"
                          and handle.run_id in str(t.get("args"))), None)
 
         task = wait_for(clone_task, 60, 0.2, what="Flower to show BuildAndDeploy.Clone")
         assert task["state"] == "SUCCESS"
         assert task["uuid"].startswith(f"{handle.run_id}:")
-        names = {t["name"] for t in (_get(f"{base}/api/tasks") or {}).values()}
+        names = {t["name"] for t in (get_json(f"{base}/api/tasks") or {}).values()}
         assert {"BuildAndDeploy.START", "BuildAndDeploy.Build", "BuildAndDeploy.branch",
                 "BuildAndDeploy.Deploy", "BuildAndDeploy.Release"} <= names
     finally:
