@@ -93,8 +93,9 @@ class Runtime:
         return store
 
     def stores(self) -> list[RunStore]:
-        return [self.store_for(wf.persistence_options.key_prefix)
-                for wf in self.workflows.values()]
+        """One store per key prefix: workflows that share a prefix share a store."""
+        prefixes = {wf.persistence_options.key_prefix for wf in self.workflows.values()}
+        return [self.store_for(prefix) for prefix in sorted(prefixes)]
 
     def _redis_store(self, prefix: str) -> RunStore:
         return RedisStore(self.settings.redis_url, prefix, self.settings.retain_seconds)
