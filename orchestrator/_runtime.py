@@ -9,6 +9,7 @@ run the same loop for joins, timers and recovery.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -162,6 +163,10 @@ class Runtime:
         """Start from validated data; for apps that know a workflow only by its catalog."""
         run_id = run_id or uuid.uuid4().hex
         _check_run_id(run_id)
+        size = len(json.dumps(input))
+        if size > self.settings.max_payload:
+            raise ValueError(f"input is {size} bytes of JSON, over the "
+                             f"{self.settings.max_payload}-byte limit (ORCHESTRATOR_MAX_PAYLOAD)")
         store = self.store_for(key_prefix)
         now = store.now()  # fails fast (StoreUnavailable) before anything is written
         d = engine.start(spec, run_id, input, state, now)

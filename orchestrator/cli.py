@@ -24,7 +24,7 @@ from rich.table import Table
 
 from . import _graph
 from ._celery import Sweeper, create_app, runtime_of
-from ._client import Client, InvalidInput
+from ._client import Client
 from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
 from ._dev import dev
@@ -57,7 +57,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ValidationError as exc:
             _fail(f"invalid input: {_one_line(exc)}", EXIT_USAGE)
-        except (DefinitionError, InvalidInput, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # bad definitions, input, JSON, sizes: all the caller's
             _fail(str(exc), EXIT_USAGE)
         except (RunNotFound, UnknownWorkflow) as exc:
             _fail(str(exc.args[0] if exc.args else exc), EXIT_NOT_FOUND)

@@ -405,3 +405,11 @@ nested_in_branch = Workflow("NestedInBranch").state(FanState).flow({
     START: "Fork", "Fork": lambda ctx: Parallel([nests], "Join3"),
     "Join3": lambda ctx: END,
 })
+
+
+class BlobInput(BaseModel):
+    size: int = 10
+
+
+blob = Workflow("Blob").input(BlobInput).flow({
+    START: "Emit", "Emit": lambda ctx: Next(END, output="x" * ctx.input.size)})

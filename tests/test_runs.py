@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 import redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator import (
+    END,
+    START,
+    Next,
     RunStatus,
     StoreUnavailable,
+    Workflow,
     WorkflowRunner,
     local_runtime,
 )
@@ -163,3 +167,23 @@ def test_in_memory_persistence_cannot_run_on_a_cluster(cluster: Cluster) -> None
     with pytest.raises(DefinitionError, match="only run embedded"):
         WorkflowRunner(in_memory, app=cluster.app)
     assert WorkflowRunner(in_memory).run({"value": 1}).result(timeout=30).output == "small"
+
+
+def test_payload_limit_is_a_clear_error(make_runner: Runner) -> None:
+    runner = make_runner(flows.blob)
+    result = runner.run({"size": 2 * 1024 * 1024}).result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and "over the 1048576-byte limit" in result.error.message
+    assert runner.run({"size": 10}).result(timeout=60).output == "x" * 10
+
+
+def test_oversized_input_is_refused_before_anything_is_written(redis_url: str) -> None:
+    class Text(BaseModel):
+        text: str
+
+    echo = Workflow("Echo").input(Text).flow({START: lambda ctx: Next(END, ctx.input.text)})
+    runner = WorkflowRunner(echo, runtime=local_runtime(RedisStore(redis_url)))
+    with pytest.raises(ValueError, match="ORCHESTRATOR_MAX_PAYLOAD"):
+        runner.run({"text": "x" * (2 * 1024 * 1024)})
+    assert runner.store.list_runs() == []
+    assert runner.run({"text": "hi"}).result(timeout=30).output == "hi"
