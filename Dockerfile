@@ -7,5 +7,6 @@ COPY workers ./workers
 RUN pip install --no-cache-dir . && useradd --create-home orchestrator
 USER orchestrator
 
-ENV ORCHESTRATOR_WORKFLOWS=workers
+# Unbuffered, so `docker compose logs` shows a run's progress as it happens.
+ENV PYTHONUNBUFFERED=1 ORCHESTRATOR_WORKFLOWS=workers
 CMD ["orchestrator", "worker"]
