@@ -1,4 +1,8 @@
-"""Benchmark workflows: a 10-step no-op chain, a self-loop, and a fan-out."""
+"""Benchmark workflows: a 10-step no-op chain, a self-loop, and a fan-out.
+
+Workers host them with `ORCHESTRATOR_WORKFLOWS=bench.flows`. Every step is a no-op, so a
+benchmark measures the runtime (messages, Redis, the engine), not user code.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,25 @@ from pydantic import BaseModel
 
 from orchestrator import END, START, Next, Parallel, Workflow
 
+PREFIX = "bench:"
 
-def _to(target: str) -> Any:
+
+def _hop(target: str) -> Any:
+    """A no-op step that goes to `target`."""
+
     def hop(ctx: Any) -> str:
         return target
 
+    hop.__name__ = hop.__qualname__ = f"to_{target}"
     return hop
 
 
-noop10 = Workflow("Noop10", "Ten no-op steps").persistence(key_prefix="bench:").flow({
-    START: "S1",
-    **{f"S{i}": _to(f"S{i + 1}") for i in range(1, 10)},
-    "S10": _to(END),
-})
+# START -> S1 -> ... -> S10 -> END: ten tasks, no input, no state.
+noop10 = (
+    Workflow("Noop10", "Ten no-op steps")
+    .persistence(key_prefix=PREFIX)
+    .flow({START: "S1", **{f"S{i}": _hop(f"S{i + 1}") for i in range(1, 10)}, "S10": _hop(END)})
+)
 
 
 class LoopInput(BaseModel):
@@ -32,12 +42,19 @@ class LoopState(BaseModel):
 
 
 def tick(ctx: Any) -> str:
+    """Count one iteration; come back here until `times` iterations have run."""
     ctx.set_state(n=ctx.state.n + 1)
     return "Tick" if ctx.state.n < ctx.input.times else END
 
 
-loop = (Workflow("BenchLoop").input(LoopInput).state(LoopState)
-        .persistence(key_prefix="bench:").flow({START: "Tick", "Tick": tick}))
+# One step that returns itself `times` times: the run's history grows, its record does not.
+loop = (
+    Workflow("BenchLoop", "A step that loops on itself")
+    .input(LoopInput)
+    .state(LoopState)
+    .persistence(key_prefix=PREFIX)
+    .flow({START: "Tick", "Tick": tick})
+)
 
 
 class FanInput(BaseModel):
@@ -45,6 +62,7 @@ class FanInput(BaseModel):
 
 
 def noop_branch(ctx: Any) -> int:
+    """One branch of the fan-out (module level: any worker imports it by reference)."""
     return 1
 
 
@@ -53,8 +71,16 @@ def fan(ctx: Any) -> Parallel:
 
 
 def gather(ctx: Any) -> Next:
-    return Next(END, output=sum(ctx.step_results["noop_branch"]))
+    outputs = ctx.step_results["noop_branch"]
+    return Next(END, output=sum(outputs))
 
 
-fan_out = (Workflow("BenchFanOut").input(FanInput).persistence(key_prefix="bench:")
-           .flow({START: "Fan", "Fan": fan, "Gather": gather}))
+# Fan -> width x noop_branch (a chord) -> Gather -> END; the output is the branch count.
+fan_out = (
+    Workflow("BenchFanOut", "A fan-out of no-op branches")
+    .input(FanInput)
+    .persistence(key_prefix=PREFIX)
+    .flow({START: "Fan", "Fan": fan, "Gather": gather})
+)
+
+__all__ = ["fan_out", "loop", "noop10", "noop_branch"]

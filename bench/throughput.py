@@ -1,177 +1,455 @@
 """Our distributed runtime beside raw Celery, on the same Redis, in one invocation.
 
-Usage: python bench/throughput.py [--runs 100] [--loop 200] [--chords 50] [--width 8]
-                                  [--redis-url redis://127.0.0.1:6379/15] [--json]
+Usage:
+    .venv/bin/python bench/throughput.py [--runs 100] [--steps 200] [--loop 200]
+        [--chords 50] [--width 8] [--wide-chords 8] [--wide 50] [--raw-prefetch 4,1]
+        [--rounds 3] [--ours-loglevel WARNING] [--redis-url redis://127.0.0.1:6379/15] [--json]
 
-Phases run one after the other (never competing for the cores), each with its own worker
-subprocess (prefork, concurrency 2), on a database this script flushes:
-  raw Celery (its baseline settings, prefetch 4), raw Celery with prefetch 1 (our setting),
-  then ours: `orchestrator worker -c 2` plus `orchestrator coordinator`.
-Measures per-step latency (one 200-hop chain / a 200-iteration loop), steps/s with many
-chains (runs) of 10 no-op steps in flight, branches/s of chords (fan-outs), and whether
-the cost of a step grows with a run's history (first vs last 50 loop iterations).
+Needs Redis; the database in --redis-url is FLUSHED before and after every phase.
+The phases run one after the other, so they never compete for the cores, each with its own
+worker subprocess (prefork pool, concurrency 2, no heartbeat/gossip/mingle, log level
+WARNING):
+
+  raw Celery  `celery worker` for bench/raw_celery.py, configured as
+              ../shared/bench/celery_baseline.py is (JSON, acks_late, results in Redis,
+              prefetch 4); `--raw-prefetch 4,1` adds a phase with our prefetch of 1.
+  ours        `orchestrator worker -c 2` plus `orchestrator coordinator` (which joins
+              fan-outs and runs the sweeper), hosting bench/flows.py.
+
+What each side is asked to do:
+  per-step latency  raw: one chain of --steps no-op tasks; ours: one run of the loop flow
+                    with --steps iterations; wall time / steps.
+  steps/s           raw: --runs chains of 10 no-op tasks in flight at once; ours: --runs
+                    runs of Noop10 in flight (started with WorkflowRunner.run, waited with
+                    RunHandle.result); 10 x runs / wall time.
+  branches/s        raw: --chords chords of --width no-op tasks (+ a callback) in flight;
+                    ours: --chords runs of a fan-out (Fan -> Parallel.map of --width no-op
+                    branches -> Gather); again with --wide-chords of width --wide.
+  history growth    ours: one loop run of --loop iterations; mean time per iteration of
+                    the first 50 and the last 50, from the run's history (should be ~1.0).
+  CPU per step      user + system CPU of each process tree (this client, the worker's main
+                    process and its pool, the coordinator, redis-server) over the steps/s
+                    and the first branches/s phase, per step or branch.
+
+With --rounds N the whole sequence runs N times; figures are medians, a ratio is the median
+of the N per-round ratios (each taken from phases seconds apart), with its range.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
+import platform
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: `bench` and `orchestrator` from the checkout
-WORKER_FLAGS = ["--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "WARNING"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: `bench` and `orchestrator` from the checkout
+
+import psutil  # noqa: E402
+import redis  # noqa: E402
+
+WORKER_FLAGS = ["--without-heartbeat", "--without-gossip", "--without-mingle"]
+POLL = 0.005  # how often a waiting handle looks at its run (seconds)
+TIMEOUT = 600.0
+
+
+# ---- subprocesses ------------------------------------------------------------------------
+
+
+class Processes:
+    """Subprocesses, each in its own process group, output kept in a log file."""
+
+    def __init__(self, logdir: Path, env: dict[str, str]) -> None:
+        self.logdir = logdir
+        self.env = env
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str]) -> None:
+        log = (self.logdir / f"{name}.log").open("wb")
+        try:
+            proc = subprocess.Popen(list(argv), env=self.env, cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        self.procs.append((name, proc))
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.logdir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM to the group), then SIGKILL whatever is left of it."""
+        for _, proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for _, proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+        for _, proc in self.procs:  # the pool children too, even if the parent is gone
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.procs.clear()
 
 
 @contextmanager
-def processes(*argvs: list[str], env: dict[str, str]) -> Iterator[None]:
-    procs = [subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for argv in argvs]
+def processes(logdir: Path, env: dict[str, str]) -> Iterator[Processes]:
+    procs = Processes(logdir, env)
     try:
-        yield
+        yield procs
+    except BaseException:
+        for name, _ in procs.procs:
+            print(f"--- {name} log (tail) ---\n{procs.tail(name)}", file=sys.stderr)
+        raise
     finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
+        procs.stop()
+
+
+class CpuMeter:
+    """CPU time (user + system) of process trees by role, to say what a step costs where."""
+
+    def __init__(self, url: str, roles: dict[str, int]) -> None:
+        pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+        self.roles = {"client": os.getpid(), **roles, "redis-server": pid}
+
+    def _now(self) -> dict[str, float]:
+        """Seconds so far, by role; a worker's pool children apart from its main process."""
+
+        def cpu(procs: list[psutil.Process]) -> float:
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            return total
+
+        out: dict[str, float] = {}
+        for role, pid in self.roles.items():
             try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                root = psutil.Process(pid)
+                children = root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                root, children = None, []
+            out[role] = cpu([root] if root else [])
+            if role not in ("client", "redis-server"):
+                out[f"{role} pool"] = cpu(children)
+        return out
+
+    @contextmanager
+    def measure(self, into: dict[str, float], steps: int) -> Iterator[None]:
+        """Fill `into` with CPU milliseconds per step (of `steps`) by role, over the body."""
+        before = self._now()
+        yield
+        after = self._now()
+        into.update({role: (after[role] - before[role]) * 1000 / steps for role in after})
+        into["total"] = sum(into.values())
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark did not finish")
-        time.sleep(0.005)
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: stop the workers
 
 
-def raw_celery(url: str, prefetch: int, runs: int, hops: int, chords: int,
-               width: int) -> dict[str, float]:
-    env = {**os.environ, "BENCH_REDIS_URL": url, "BENCH_PREFETCH": str(prefetch),
-           "PYTHONPATH": str(ROOT)}
+# ---- raw Celery ---------------------------------------------------------------------------
+
+
+def raw_phase(url: str, prefetch: int, a: argparse.Namespace, logdir: Path) -> dict[str, float]:
+    """The floor: raw Celery canvas, configured as ../shared/bench/celery_baseline.py."""
     os.environ.update(BENCH_REDIS_URL=url, BENCH_PREFETCH=str(prefetch))
     from celery import chain, chord, group
 
     from bench.raw_celery import app, join, noop
 
     app.conf.update(broker_url=url, result_backend=url, worker_prefetch_multiplier=prefetch)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     celery = str(Path(sys.executable).parent / "celery")
-    with processes([celery, "-A", "bench.raw_celery", "worker", "-c", "2", "-P", "prefork",
-                    *WORKER_FLAGS], env=env):
-        noop.delay().get(timeout=60)  # the worker is up
+    with processes(logdir, env) as procs:
+        procs.start(f"raw-worker-pf{prefetch}",
+                    [celery, "-A", "bench.raw_celery", "worker", "-c", "2", "-P", "prefork",
+                     "-l", "WARNING", "-n", f"raw-pf{prefetch}@%h", *WORKER_FLAGS])
+        # Warm up: the worker is consuming and both pool processes have run tasks.
+        group([chain(*[noop.s() for _ in range(10)]) for _ in range(4)]).apply_async().get(
+            timeout=120)
+        procs.check_alive()
+        cpu = CpuMeter(url, {"worker": procs.procs[0][1].pid})
+        cpu_steps: dict[str, float] = {}
+        cpu_branches: dict[str, float] = {}
+
         t = time.perf_counter()
-        chain(*[noop.s() for _ in range(hops)]).apply_async().get(timeout=300)
-        hop_ms = (time.perf_counter() - t) / hops * 1000
-        t = time.perf_counter()
-        results = [chain(*[noop.s() for _ in range(10)]).apply_async() for _ in range(runs)]
-        for r in results:
-            r.get(timeout=300)
-        steps_s = runs * 10 / (time.perf_counter() - t)
-        t = time.perf_counter()
-        results = [chord(group(noop.s() for _ in range(width)), join.s()).apply_async()
-                   for _ in range(chords)]
-        for r in results:
-            assert r.get(timeout=300) == width
-        branches_s = chords * width / (time.perf_counter() - t)
-    return {"hop_ms": hop_ms, "steps_s": steps_s, "branches_s": branches_s}
+        chain(*[noop.s() for _ in range(a.steps)]).apply_async().get(timeout=TIMEOUT)
+        hop_ms = (time.perf_counter() - t) / a.steps * 1000
+
+        with cpu.measure(cpu_steps, a.runs * 10):
+            t = time.perf_counter()
+            results = [chain(*[noop.s() for _ in range(10)]).apply_async()
+                       for _ in range(a.runs)]
+            for r in results:
+                r.get(timeout=TIMEOUT)
+            steps_s = a.runs * 10 / (time.perf_counter() - t)
+
+        def chords(n: int, width: int) -> float:
+            t = time.perf_counter()
+            results = [chord(group([noop.s() for _ in range(width)]), join.s()).apply_async()
+                       for _ in range(n)]
+            for r in results:
+                got = r.get(timeout=TIMEOUT)
+                assert got == width, f"chord of {width} joined {got}"
+            return n * width / (time.perf_counter() - t)
+
+        with cpu.measure(cpu_branches, a.chords * a.width):
+            branches_s = chords(a.chords, a.width)
+        wide_branches_s = chords(a.wide_chords, a.wide)
+        procs.check_alive()
+    return {"hop_ms": hop_ms, "steps_s": steps_s, "branches_s": branches_s,
+            "wide_branches_s": wide_branches_s, "cpu_ms_per_step": cpu_steps,
+            "cpu_ms_per_branch": cpu_branches}
 
 
-def ours(url: str, runs: int, hops: int, chords: int, width: int) -> dict[str, float]:
+# ---- ours ---------------------------------------------------------------------------------
+
+
+def wait_done(handle: Any, timeout: float = TIMEOUT) -> Any:
+    """`handle.result()`, looking every POLL seconds (its own backoff grows to 250 ms,
+    which would add up to a quarter second to a timed phase)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            res = handle.result(timeout=0)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL)
+            continue
+        if res.status.value != "completed":
+            raise RuntimeError(f"run {handle.run_id} ended {res.status.value}: {res.error}")
+        return res
+
+
+def per_iteration(history: list[dict[str, Any]], window: int = 50) -> dict[str, float]:
+    """Mean time between consecutive completions, over the first and last `window`."""
+    ticks = [float(e["at"]) for e in history if e["event"] == "step_completed"]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    if len(gaps) < 2:
+        raise ValueError("the loop needs at least 3 iterations")
+    window = min(window, len(gaps) // 2)
+    first = statistics.fmean(gaps[:window]) * 1000
+    last = statistics.fmean(gaps[-window:]) * 1000
+    return {"iterations": len(ticks), "window": window, "first_ms": first, "last_ms": last,
+            "last_over_first": last / first,
+            "median_ms": statistics.median(gaps) * 1000}
+
+
+def ours_phase(url: str, a: argparse.Namespace, logdir: Path) -> dict[str, Any]:
     env = {**os.environ, "ORCHESTRATOR_REDIS_URL": url, "ORCHESTRATOR_WORKFLOWS": "bench.flows",
            "PYTHONPATH": str(ROOT)}
-    os.environ.update(ORCHESTRATOR_REDIS_URL=url, ORCHESTRATOR_WORKFLOWS="bench.flows")
     from bench.flows import fan_out, loop, noop10
     from orchestrator import Settings, WorkflowRunner, create_app
 
-    app = create_app(Settings.from_env())
-    client = redis.Redis.from_url(url)
+    app = create_app(Settings.from_env(env))
     cli = [sys.executable, "-m", "orchestrator.cli"]
-    with processes([*cli, "worker", "-c", "2", "-n", "bench@%h", *WORKER_FLAGS],
-                   [*cli, "coordinator", "-n", "bench-coord@%h", *WORKER_FLAGS], env=env):
+    with processes(logdir, env) as procs:
+        procs.start("ours-worker", [*cli, "worker", "-c", "2", "-l", a.ours_loglevel,
+                                    "-n", "bench-worker@%h", *WORKER_FLAGS])
+        procs.start("ours-coordinator", [*cli, "coordinator", "-l", a.ours_loglevel,
+                                         "-n", "bench-coordinator@%h", *WORKER_FLAGS])
+        chains, loops, fans = (WorkflowRunner(wf, app=app) for wf in (noop10, loop, fan_out))
+        # Warm up: workers consuming, both pool processes busy once, the coordinator joining.
+        for h in [chains.run() for _ in range(4)] + [fans.run({"width": 2})]:
+            wait_done(h, 120)
+        procs.check_alive()
+        cpu = CpuMeter(url, {name.removeprefix("ours-"): p.pid for name, p in procs.procs})
+        cpu_steps: dict[str, float] = {}
+        cpu_branches: dict[str, float] = {}
 
-        def completed(ids: list[str]) -> bool:
-            statuses = client.hmget("bench:status", ids)
-            return all(s == b"completed" for s in statuses)
-
-        warm = WorkflowRunner(noop10, app=app).run()
-        warm.result(timeout=120)
-
-        handle = WorkflowRunner(loop, app=app).run({"times": hops})
+        # Per-step latency: one run that loops `steps` times (one task per iteration).
         t = time.perf_counter()
-        wait_until(lambda: completed([handle.run_id]))
-        hop_ms = (time.perf_counter() - t) / hops * 1000
-        ticks = [e["at"] for e in handle.history() if e["event"] == "step_completed"]
-        window = min(50, (len(ticks) - 1) // 2)
-        first = (ticks[window] - ticks[0]) / window
-        last = (ticks[-1] - ticks[-1 - window]) / window
+        h = loops.run({"times": a.steps})
+        wait_done(h)
+        hop_ms = (time.perf_counter() - t) / a.steps * 1000
+        hist = h.history()
+        hop_server_ms = (hist[-1]["at"] - hist[0]["at"]) / a.steps * 1000
 
-        runner = WorkflowRunner(noop10, app=app)
-        t = time.perf_counter()
-        ids = [runner.run().run_id for _ in range(runs)]
-        wait_until(lambda: completed(ids))
-        steps_s = runs * 10 / (time.perf_counter() - t)
+        # Steps/s: `runs` runs of ten no-op steps in flight at once.
+        with cpu.measure(cpu_steps, a.runs * 10):
+            t0, t = time.time(), time.perf_counter()
+            handles = [chains.run() for _ in range(a.runs)]
+            for h in handles:
+                wait_done(h)
+            steps_s = a.runs * 10 / (time.perf_counter() - t)
+        last = max(h.history(-1)[0]["at"] for h in handles)
+        steps_s_server = a.runs * 10 / (last - t0)
 
-        fanner = WorkflowRunner(fan_out, app=app)
-        t = time.perf_counter()
-        ids = [fanner.run({"width": width}).run_id for _ in range(chords)]
-        wait_until(lambda: completed(ids))
-        branches_s = chords * width / (time.perf_counter() - t)
-        outputs = {fanner.attach(i).result(timeout=1).output for i in ids}
-        assert outputs == {width}, outputs
-    return {"hop_ms": hop_ms, "steps_s": steps_s, "branches_s": branches_s,
-            "loop_first50_ms": first * 1000, "loop_last50_ms": last * 1000}
+        # History growth: the same cost for the last iterations as for the first.
+        h = loops.run({"times": a.loop})
+        res = wait_done(h)
+        assert res.state["n"] == a.loop, res.state
+        growth = per_iteration(h.history())
+
+        def fan_outs(n: int, width: int) -> float:
+            t = time.perf_counter()
+            handles = [fans.run({"width": width}) for _ in range(n)]
+            for h in handles:
+                got = wait_done(h).output
+                assert got == width, f"fan-out of {width} gathered {got}"
+            return n * width / (time.perf_counter() - t)
+
+        with cpu.measure(cpu_branches, a.chords * a.width):
+            branches_s = fan_outs(a.chords, a.width)
+        wide_branches_s = fan_outs(a.wide_chords, a.wide)
+        procs.check_alive()
+    return {"hop_ms": hop_ms, "hop_server_ms": hop_server_ms, "steps_s": steps_s,
+            "steps_s_server": steps_s_server, "branches_s": branches_s,
+            "wide_branches_s": wide_branches_s, "loop": growth, "cpu_ms_per_step": cpu_steps,
+            "cpu_ms_per_branch": cpu_branches}
 
 
-def main() -> None:
+# ---- report -------------------------------------------------------------------------------
+
+
+def machine(url: str) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    info = redis.Redis.from_url(url).info("server")
+    return {"nproc": os.cpu_count(), "python": platform.python_version(),
+            "redis": info.get("redis_version"), "celery": version("celery"),
+            "kombu": version("kombu"), "platform": platform.platform()}
+
+
+def print_table(report: dict[str, Any], a: argparse.Namespace) -> None:
+    raws: dict[str, dict[str, float]] = report["raw_celery"]
+    us: dict[str, Any] = report["ours"]
+    m = report["machine"]
+    print(f"{m['nproc']} cores, Python {m['python']}, Redis {m['redis']}, "
+          f"Celery {m['celery']}; worker pools prefork -c 2"
+          + (f"; medians of {a.rounds} rounds" if a.rounds > 1 else ""))
+    heads = [f"raw pf={pf}" for pf in raws]
+    print(f"{'':40}" + "".join(f"{h:>12}" for h in heads) + f"{'ours':>12}{'ours/raw':>10}")
+    rows = [
+        (f"per-step latency, {a.steps} hops (ms)", "hop_ms"),
+        (f"steps/s, {a.runs} x 10 in flight", "steps_s"),
+        (f"branches/s, {a.chords} x {a.width}", "branches_s"),
+        (f"branches/s, {a.wide_chords} x {a.wide}", "wide_branches_s"),
+    ]
+    for label, key in rows:
+        cells = "".join(f"{r[key]:12.2f}" for r in raws.values())
+        ratio = report["ratios"][key]
+        low, high = report["ratio_ranges"][key]
+        spread = f" ({low:.2f}-{high:.2f})" if a.rounds > 1 else ""
+        note = "  lower is better" if key == "hop_ms" else ("  < 0.8x" if ratio < 0.8 else "")
+        print(f"{label:40}{cells}{us[key]:12.2f}{ratio:10.2f}{spread}{note}")
+    g = us["loop"]
+    print(f"loop of {g['iterations']:.0f}: first {g['window']:.0f} iterations "
+          f"{g['first_ms']:.2f} ms each, last {g['window']:.0f} {g['last_ms']:.2f} ms (last/first "
+          f"{g['last_over_first']:.2f}; median {g['median_ms']:.2f} ms)")
+    print(f"ours from the run histories: {us['hop_server_ms']:.2f} ms per step, "
+          f"{us['steps_s_server']:.0f} steps/s")
+    for what, key in (("chain step", "cpu_ms_per_step"), ("fan-out branch", "cpu_ms_per_branch")):
+        for side, r in [*((f"raw pf={pf}", r) for pf, r in raws.items()), ("ours", us)]:
+            cpu = r[key]
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()
+                              if k != "total" and v >= 0.005)
+            print(f"CPU ms per {what:15} {side:10} {cpu['total']:5.2f} = {parts}")
+
+
+def ratios(raw: dict[str, Any], us: dict[str, Any]) -> dict[str, float]:
+    return {
+        "hop_ms": us["hop_ms"] / raw["hop_ms"],
+        "steps_s": us["steps_s"] / raw["steps_s"],
+        "branches_s": us["branches_s"] / raw["branches_s"],
+        "wide_branches_s": us["wide_branches_s"] / raw["wide_branches_s"],
+        "loop_last_over_first": us["loop"]["last_over_first"],
+    }
+
+
+def _median(items: list[Any]) -> Any:
+    """Median of each number across same-shaped dicts."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: _median([i[k] for i in items]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(items)
+    return first
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=100, help="chains/runs of 10 in flight")
+    parser.add_argument("--runs", type=int, default=100,
+                        help="chains / runs of 10 no-op steps in flight (default 100)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="hops of the per-step latency chain / loop (default 200)")
     parser.add_argument("--loop", type=int, default=200,
-                        help="hops for per-step latency (at least 3)")
-    parser.add_argument("--chords", type=int, default=50)
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
-    parser.add_argument("--json", action="store_true")
-    a = parser.parse_args()
-    flush = redis.Redis.from_url(a.redis_url).flushdb
-    flush()
-    raw = raw_celery(a.redis_url, 4, a.runs, a.loop, a.chords, a.width)
-    flush()
-    raw1 = raw_celery(a.redis_url, 1, a.runs, a.loop, a.chords, a.width)
-    flush()
-    us = ours(a.redis_url, a.runs, a.loop, a.chords, a.width)
-    flush()
-    report = {
-        "raw_celery": raw, "raw_celery_prefetch1": raw1, "ours": us,
-        "ratio_steps_s": us["steps_s"] / raw["steps_s"],
-        "ratio_branches_s": us["branches_s"] / raw["branches_s"],
-        "ratio_hop_latency": us["hop_ms"] / raw["hop_ms"],
-        "loop_last50_over_first50": us["loop_last50_ms"] / us["loop_first50_ms"],
-    }
+                        help="iterations of the history-growth loop, at least 3 (default 200)")
+    parser.add_argument("--chords", type=int, default=50, help="fan-outs in flight (default 50)")
+    parser.add_argument("--width", type=int, default=8, help="branches each (default 8)")
+    parser.add_argument("--wide-chords", type=int, default=8,
+                        help="wide fan-outs in flight (default 8)")
+    parser.add_argument("--wide", type=int, default=50, help="their width (default 50)")
+    parser.add_argument("--raw-prefetch", default="4",
+                        help="raw worker prefetch multiplier(s), comma-separated; the ratio "
+                             "is taken against the first (default 4, as the baseline)")
+    parser.add_argument("--ours-loglevel", default="WARNING",
+                        help="log level of our worker and coordinator (default WARNING, "
+                             "as the raw worker; `orchestrator worker` defaults to INFO)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
+                        help="Redis to use; its database is flushed (default DB 15)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat raw-then-ours this many times; report medians and the "
+                             "median of each round's ratio (default 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    a = parser.parse_args(argv)
+    if a.loop < 3 or a.steps < 1 or a.rounds < 1:
+        parser.error("--loop needs at least 3 iterations, --steps and --rounds at least 1")
+    prefetches = [int(p) for p in a.raw_prefetch.split(",") if p.strip()]
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    client = redis.Redis.from_url(a.redis_url)
+    report: dict[str, Any] = {"machine": machine(a.redis_url), "options": vars(a)}
+    rounds: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        try:
+            for _ in range(a.rounds):
+                one: dict[str, Any] = {"raw_celery": {}}
+                for pf in prefetches:
+                    client.flushdb()
+                    one["raw_celery"][str(pf)] = raw_phase(a.redis_url, pf, a, Path(tmp))
+                client.flushdb()
+                one["ours"] = ours_phase(a.redis_url, a, Path(tmp))
+                one["ratios"] = ratios(one["raw_celery"][str(prefetches[0])], one["ours"])
+                rounds.append(one)
+        finally:
+            client.flushdb()
+    # Medians over rounds; a ratio is the median of each round's own ratio (its two sides
+    # ran minutes apart at most, which is what makes a ratio worth more than a figure).
+    report.update(_median(rounds))
+    report["ratio_ranges"] = {k: [min(r["ratios"][k] for r in rounds),
+                                  max(r["ratios"][k] for r in rounds)]
+                              for k in rounds[0]["ratios"]}
+    report["rounds"] = rounds
     if a.json:
         print(json.dumps(report, indent=2))
-        return
-    rows = [("per-step latency (ms)", "hop_ms"), ("steps/s, chains of 10", "steps_s"),
-            (f"branches/s, chords of {a.width}", "branches_s")]
-    print(f"{'':34}{'raw celery':>12}{'raw, pf=1':>12}{'ours':>12}{'ours/raw':>10}")
-    for label, key in rows:
-        print(f"{label:34}{raw[key]:12.2f}{raw1[key]:12.2f}{us[key]:12.2f}"
-              f"{us[key] / raw[key]:10.2f}")
-    print(f"loop: first 50 iterations {us['loop_first50_ms']:.2f} ms/step, last 50 "
-          f"{us['loop_last50_ms']:.2f} ms/step (ratio {report['loop_last50_over_first50']:.2f})")
+    else:
+        print_table(report, a)
+    return report
 
 
 if __name__ == "__main__":
