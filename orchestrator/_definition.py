@@ -8,6 +8,7 @@ workflow fails at import time instead of in the middle of a run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -356,7 +357,7 @@ class Workflow:
     def queues(self) -> dict[str, str]:
         return {name: self.step_def(name).options.queue for name in self.step_names()}
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         """A content hash of the definition's shape: changes when steps or schemas change."""
         shape = {

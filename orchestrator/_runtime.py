@@ -70,9 +70,11 @@ class Runtime:
     # ---- registry ----------------------------------------------------------------------
 
     def register(self, wf: Workflow) -> None:
-        wf.check_complete()
         known = self.workflows.get(wf.name)
-        if known is not None and known is not wf and known.version != wf.version:
+        if known is wf:  # every start registers: keep that free
+            return
+        wf.check_complete()
+        if known is not None and known.version != wf.version:
             raise ValueError(f"two different workflows are named {wf.name!r}")
         self.workflows[wf.name] = wf
         self._specs[wf.name] = spec_of(wf)
