@@ -1,4 +1,4 @@
-"""The Celery app: our settings, one task per step, the join task, the coordinator's sweeper.
+"""The Celery app: our settings, one task per step and per branch, the coordinator's sweeper.
 
 Pass the app explicitly (no current-app magic): `create_app(settings, workflows)`.
 """
@@ -17,7 +17,7 @@ from celery import Celery, bootsteps, signals
 from . import _logging
 from ._config import Settings, celery_config
 from ._definition import Workflow
-from ._dispatch.base import JOIN_TASK, branch_task_name, step_task_name
+from ._dispatch.base import branch_task_name, step_task_name
 from ._dispatch.celery import CeleryDispatcher
 from ._runtime import Runtime
 
@@ -45,10 +45,6 @@ def create_app(
 
     _log_with_run_context(settings.log_format)
 
-    @app.task(name=JOIN_TASK, ignore_result=True, shared=False)
-    def join(workflow: str, run_id: str, token: int) -> None:
-        runtime.join(workflow, run_id, token)
-
     return app
 
 
@@ -75,13 +71,12 @@ def host(app: Celery, wf: Workflow) -> None:
             app.task(name=name, ignore_result=True, shared=False)(_step_body(runtime, wf.name))
     name = branch_task_name(wf.name)
     if name not in app.tasks:
-        # Branch results feed the chord counter, so they are stored (and expire).
-        app.task(name=name, ignore_result=False, shared=False)(_step_body(runtime, wf.name))
+        app.task(name=name, ignore_result=True, shared=False)(_step_body(runtime, wf.name))
 
 
 def _step_body(runtime: Runtime, workflow: str) -> Any:
-    def run(run_id: str, token: int, branch: str | None = None) -> str:
-        return runtime.execute(workflow, run_id, token, branch)
+    def run(run_id: str, token: int, branch: str | None = None, join: int | None = None) -> str:
+        return runtime.execute(workflow, run_id, token, branch, join)
 
     return run
 

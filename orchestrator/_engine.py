@@ -159,12 +159,16 @@ class SendTask:
 
 @dataclass(frozen=True)
 class SendFork:
-    """Send the branches as one chord whose body joins at `token`."""
+    """Send the branches as one chord whose body joins fork `token` and, if that join is
+    the one that closes the fork, runs `then` (as task `then_token`) where it joined."""
 
     run_id: str
     workflow: str
     token: int
     tasks: tuple[Task, ...]
+    then: str = ""
+    then_queue: str = ""
+    then_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -491,11 +495,13 @@ def _goto(d: Decision, spec: FlowSpec, step: str, now: float) -> None:
 
 
 def _schedule_step(
-    d: Decision, step: str, queue: str, now: float, timeout: float | None = None
+    d: Decision, step: str, queue: str, now: float, timeout: float | None = None,
+    token: int | None = None,
 ) -> None:
     rec = _rec(d)
     rec.current_step = step
-    rec.task = Task(step=step, token=_next_token(rec), queue=queue, timeout=timeout, due_at=now)
+    rec.task = Task(step=step, token=token or _next_token(rec), queue=queue, timeout=timeout,
+                    due_at=now)
     _dispatch_if_due(d, rec.task, now)
 
 
@@ -529,7 +535,7 @@ def _fork(d: Decision, spec: FlowSpec, step: str, out: Outcome, now: float) -> N
     rec.current_step = step
     rec.fork = Fork(
         step=step, token=token, then=out.target, then_queue=spec.steps[out.target].queue,
-        base_state=dict(rec.state),
+        then_token=_next_token(rec), base_state=dict(rec.state),
         branches={
             b.name: BranchState(task=Task(
                 step=step, token=token, queue=b.queue, branch=b.name, ref=b.ref,
@@ -553,7 +559,8 @@ def _send_fork(d: Decision, now: float) -> None:
     for t in pending:
         t.dispatched_at = now
     d.commands.append(SendFork(rec.run_id, rec.workflow, fork.token,
-                               tuple(t.model_copy() for t in pending)))
+                               tuple(t.model_copy() for t in pending), fork.then,
+                               fork.then_queue, fork.then_token))
 
 
 def _join(
@@ -597,7 +604,8 @@ def _join(
     rec.step_results.update(mapped)
     rec.fork = None
     _log(d, now, "joined", step=fork.step, next=fork.then)
-    _schedule_step(d, fork.then, fork.then_queue, now, spec.steps[fork.then].timeout)
+    _schedule_step(d, fork.then, fork.then_queue, now, spec.steps[fork.then].timeout,
+                   token=fork.then_token or None)
     return d
 
 

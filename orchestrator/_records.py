@@ -95,6 +95,7 @@ class Fork(BaseModel):
     then_queue: str
     branches: dict[str, BranchState]
     base_state: dict[str, Any]
+    then_token: int = 0  # reserved at the fork, so the chord's body can name its task
 
     def complete(self, results: dict[str, BranchResult]) -> bool:
         return all(name in results for name in self.branches)

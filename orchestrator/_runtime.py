@@ -114,9 +114,11 @@ class Runtime:
         *,
         release: str | None = None,
         loaded: Loaded | None = None,
+        run_here: Callable[[engine.Command], bool] | None = None,
     ) -> engine.Decision:
         """Decide and commit one event; retried on a concurrent write. Raises what the
-        engine raises for a request that does not apply (nothing is written then)."""
+        engine raises for a request that does not apply (nothing is written then).
+        Commands `run_here` picks are not sent: the caller carries them out itself."""
         for _ in range(MAX_CAS_ATTEMPTS):
             current = loaded or store.load(run_id)
             loaded = None
@@ -137,7 +139,8 @@ class Runtime:
             due = self._due(decision.record)
             if store.commit(current.record, current.version, decision.record, decision.history,
                             due, release):
-                self.dispatcher.send(decision.commands)
+                self.dispatcher.send([c for c in decision.commands
+                                      if run_here is None or not run_here(c)])
                 return decision
         raise CommitConflict(f"run {run_id}: gave up after {MAX_CAS_ATTEMPTS} conflicting writes")
 
@@ -180,10 +183,17 @@ class Runtime:
 
     # ---- on a worker ----------------------------------------------------------------
 
-    def execute(self, workflow: str, run_id: str, token: int, branch: str | None = None) -> str:
-        """Run one dispatched task if the run still expects it; commit its outcome."""
+    def execute(self, workflow: str, run_id: str, token: int, branch: str | None = None,
+                join: int | None = None) -> str:
+        """Run one dispatched task if the run still expects it; commit its outcome.
+
+        With `join`, this is a chord's body: join fork `join` first, and run the step after
+        it (task `token`) only if this join is the one that closed the fork. Running it here
+        saves the hop a join on the coordinator would cost."""
         wf = self.workflow(workflow)
         store = self.store_for(wf.persistence_options.key_prefix)
+        if join is not None and not self._join_into(wf, store, run_id, join, token):
+            return "skipped"
         lease_id = f"{token}" if branch is None else f"{token}:{branch}"
         began = store.begin_task(run_id, lease_id, self.settings.lease_ttl)
         started = time.monotonic()
@@ -261,6 +271,20 @@ class Runtime:
         results = store.branch_results(run_id, token)
         self.apply(store, run_id, lambda r, now: engine.Join(token, now, results),
                    self._specs[wf.name])
+
+    def _join_into(self, wf: Workflow, store: RunStore, run_id: str, token: int,
+                   then_token: int) -> bool:
+        """Join fork `token`; True if that dispatched task `then_token`, which the caller
+        then runs instead of sending it. A join that finds the fork still open (a branch
+        retried or fanned out again) or already closed changes nothing."""
+        results = store.branch_results(run_id, token)
+
+        def is_then(cmd: engine.Command) -> bool:
+            return isinstance(cmd, engine.SendTask) and cmd.task.token == then_token
+
+        d = self.apply(store, run_id, lambda r, now: engine.Join(token, now, results),
+                       self._specs[wf.name], run_here=is_then)
+        return any(is_then(c) for c in d.commands)
 
     # ---- timers and recovery -----------------------------------------------------------
 

@@ -258,6 +258,10 @@ def gather(ctx: Any) -> Next:
 fan_out = Workflow("FanOut").input(FanInput).state(FanState).flow({
     START: "Fan", "Fan": fan_map, "Gather": gather})
 
+GATHER_QUEUE = "gather"  # a test can hold the chord's body by consuming no such queue
+fan_out_far_gather = Workflow("FanOutFarGather").input(FanInput).state(FanState).flow({
+    START: "Fan", "Fan": fan_map, "Gather": step(gather, queue=GATHER_QUEUE)})
+
 
 def linux(ctx: Any) -> str:
     ctx.set_state(linux=f"linux-{ctx.state.seed}", logs=["linux built"])

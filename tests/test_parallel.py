@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from orchestrator import RunStatus, WorkflowRunner
-from orchestrator._config import COORDINATOR_QUEUE
+from orchestrator._config import DEFAULT_QUEUE
 from tests import flows
 from tests.conftest import Cluster, Runner, wait_for
 
@@ -66,21 +66,34 @@ def test_failing_branch_fails_run_and_revokes_siblings(cluster: Cluster,
     assert re.search(r"Terminating fb1:\d+:slow:1", cluster.logs())
 
 
-def test_lost_join_message_is_redriven_by_the_sweep(cluster_factory: Callable[..., Cluster],
-                                                    rclient: redis.Redis) -> None:
+def test_lost_chord_body_is_redriven_by_the_sweep(cluster_factory: Callable[..., Cluster],
+                                                  rclient: redis.Redis) -> None:
     c = cluster_factory()
-    c.worker("w1", 2)  # no coordinator yet: the chord's join waits in its queue
-    handle = WorkflowRunner(flows.fan_out, app=c.app).run({"width": 4}, run_id="lj1")
-    wait_for(lambda: rclient.llen(COORDINATOR_QUEUE) == 1, 60, what="the join message")
+    c.worker("w1", 2, "-Q", DEFAULT_QUEUE)  # nobody consumes Gather's queue yet
+    handle = WorkflowRunner(flows.fan_out_far_gather, app=c.app).run({"width": 4},
+                                                                     run_id="lj1")
+    wait_for(lambda: rclient.llen(flows.GATHER_QUEUE) == 1, 60,
+             what="the chord's body: Gather, told to join first")
     rec = handle.record()
-    assert rec.fork is not None and rec.fork.complete
-    rclient.delete(COORDINATOR_QUEUE)  # the join is lost
+    assert rec.fork is not None and rec.status is RunStatus.RUNNING
+    rclient.delete(flows.GATHER_QUEUE)  # the body is lost: nothing will join the fork
     c.coordinator("coord")
+    c.worker("w2", 1, "-Q", flows.GATHER_QUEUE)
     result = handle.result(timeout=60)
     assert result.status is RunStatus.COMPLETED
     assert result.output == [1, 2, 5, 10]
     assert len(_history(handle, "join_redriven")) == 1
     assert len(_history(handle, "joined")) == 1
+
+
+def test_fan_outs_join_with_no_coordinator(cluster_factory: Callable[..., Cluster]) -> None:
+    c = cluster_factory()
+    c.worker("w1", 2)  # the chord's body is Gather itself: it joins, then runs, on a worker
+    handle = WorkflowRunner(flows.fan_out, app=c.app).run({"width": 3}, run_id="cb1")
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.COMPLETED and result.output == [1, 2, 5]
+    joined = _history(handle, "joined")
+    assert len(joined) == 1 and joined[0]["next"] == "Gather"
 
 
 def test_a_branch_cannot_fan_out_inside_itself(make_runner: Runner) -> None:

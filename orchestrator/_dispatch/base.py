@@ -29,5 +29,3 @@ def step_task_name(workflow: str, step: str) -> str:
 def branch_task_name(workflow: str) -> str:
     return f"{workflow}.branch"
 
-
-JOIN_TASK = "orchestrator.join"

@@ -1,17 +1,20 @@
 """CeleryDispatcher: each step a task named `<Workflow>.<Step>` on its queue; a fork is a
-chord of branch tasks whose body, on the coordinator queue, joins the run."""
+chord of branch tasks whose body is the step after the fork, which joins the run first."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from celery import Celery, chord
+from celery.backends.redis import RedisBackend
+from kombu import Producer
 
-from .._config import COORDINATOR_QUEUE
 from .._engine import Command, Revoke, SendFork, SendTask, celery_task_id
 from .._records import Task
-from .base import JOIN_TASK, Dispatcher, branch_task_name, step_task_name
+from .base import Dispatcher, branch_task_name, step_task_name
 
 
 class CeleryDispatcher(Dispatcher):
@@ -21,20 +24,35 @@ class CeleryDispatcher(Dispatcher):
     def send(self, commands: Sequence[Command]) -> None:
         if not commands:
             return
-        with self.app.producer_or_acquire() as producer:
+        with self.app.producer_or_acquire() as producer, _batch(producer):
             for cmd in commands:
                 if isinstance(cmd, SendTask):
                     self._signature(cmd.workflow, cmd.run_id, cmd.task).apply_async(
                         producer=producer)
                 elif isinstance(cmd, SendFork):
-                    header = [self._signature(cmd.workflow, cmd.run_id, t) for t in cmd.tasks]
-                    body = self.app.signature(
-                        JOIN_TASK, args=(cmd.workflow, cmd.run_id, cmd.token),
-                        queue=COORDINATOR_QUEUE, immutable=True)
-                    chord(header, body, app=self.app).apply_async(producer=producer)
+                    self._send_chord(cmd, producer)
                 elif isinstance(cmd, Revoke):
                     self.app.control.revoke(list(cmd.task_ids), terminate=True,
                                             signal="SIGTERM")
+
+    def _send_chord(self, cmd: SendFork, producer: Producer) -> None:
+        """A Celery chord whose body is the step after the fork, told to join first.
+
+        On the Redis result backend the header goes out as `group.apply_async` sends it (the
+        chord's size in the backend, then each task carrying the body), without building
+        the canvas, which costs more than the messages themselves."""
+        then = Task(step=cmd.then, token=cmd.then_token, queue=cmd.then_queue)
+        body = self._signature(cmd.workflow, cmd.run_id, then).set(immutable=True)
+        body.kwargs["join"] = cmd.token
+        header = [self._signature(cmd.workflow, cmd.run_id, t) for t in cmd.tasks]
+        if not isinstance(self.app.backend, RedisBackend):
+            chord(header, body, app=self.app).apply_async(producer=producer)
+            return
+        group_id = uuid.uuid4().hex  # one per chord sent: a fork may send more than one
+        self.app.backend.set_chord_size(group_id, len(header))
+        for index, sig in enumerate(header):
+            sig.apply_async(producer=producer, chord=body, group_id=group_id,
+                            group_index=index, add_to_parent=False)
 
     def queue_length(self, queue: str) -> int:
         try:
@@ -50,5 +68,17 @@ class CeleryDispatcher(Dispatcher):
             name, args = step_task_name(workflow, task.step), (run_id, task.token)
         else:
             name, args = branch_task_name(workflow), (run_id, task.token, task.branch)
+        # Our store keeps every result. Ignoring Celery's saves a SUBSCRIBE/UNSUBSCRIBE
+        # per send and a SETEX + PUBLISH per task; a chord still counts its header,
+        # since Celery's backend runs on_chord_part_return whether or not it stores.
         return self.app.signature(name, args=args, queue=task.queue,
-                                  task_id=celery_task_id(run_id, task))
+                                  task_id=celery_task_id(run_id, task), ignore_result=True)
+
+
+@contextlib.contextmanager
+def _batch(producer: Producer) -> Iterator[None]:
+    """Publish what is sent inside in one round trip where the transport can (kombu's
+    Redis transport pipelines the LPUSHes); elsewhere each message goes out at once."""
+    batch = getattr(producer, "batch", None)
+    with batch() if batch is not None else contextlib.nullcontext():
+        yield
