@@ -168,13 +168,15 @@ class Wait:
 
 @dataclass(frozen=True)
 class Branch:
-    """One branch of a fan-out: an importable function and, for map, its item."""
+    """One branch of a fan-out: an importable function and, for map, its item; or a nested
+    fan-out (`children`), whose outputs become this branch's output."""
 
     name: str
     ref: str
     options: StepOptions
     item: Any = None
     has_item: bool = False
+    children: tuple[Branch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,15 +185,19 @@ class Parallel:
 
     `Parallel([build_linux, build_mac], "Bundle")` names branches by function name;
     a dict gives explicit names. `Parallel.map(fn, items, "Next")` fans out over data.
+
+    A branch may fan out again: a branch function returns `Parallel([...])`, or a dict
+    value is a `Parallel`. Either way the nested fan-out has no `then`: it gathers into
+    its branch, whose output is a dict of the nested outputs shaped as `step_results` is.
     """
 
     branches: Sequence[Branch]
-    then: str
+    then: str | None = None
 
     def __init__(
         self,
-        steps: Sequence[StepFn | StepDef] | Mapping[str, StepFn | StepDef],
-        then: str,
+        steps: Sequence[StepFn | StepDef] | Mapping[str, StepFn | StepDef | Parallel],
+        then: str | None = None,
     ) -> None:
         pairs = (
             list(steps.items())
@@ -204,7 +210,7 @@ class Parallel:
         object.__setattr__(self, "then", then)
 
     @classmethod
-    def map(cls, fn: StepFn | StepDef, items: Iterable[Any], then: str) -> Parallel:
+    def map(cls, fn: StepFn | StepDef, items: Iterable[Any], then: str | None = None) -> Parallel:
         base = _branch(getattr(fn, "__name__", "branch"), fn)
         branches = [
             dataclasses.replace(base, name=f"{base.name}[{i}]", item=item, has_item=True)
@@ -214,13 +220,21 @@ class Parallel:
             json.dumps([b.item for b in branches])
         except (TypeError, ValueError) as exc:
             raise TypeError(f"Parallel.map items must be JSON-serializable: {exc}") from None
+        if not branches:
+            raise DefinitionError(f"Parallel.map over no items: nothing would run {base.name}")
         self = object.__new__(cls)
         object.__setattr__(self, "branches", tuple(branches))
         object.__setattr__(self, "then", then)
         return self
 
 
-def _branch(name: str, fn: StepFn | StepDef) -> Branch:
+def _branch(name: str, fn: StepFn | StepDef | Parallel) -> Branch:
+    if isinstance(fn, Parallel):
+        if fn.then is not None:
+            raise DefinitionError(
+                f"nested Parallel {name!r} gathers into its branch: leave out then "
+                f"(got {fn.then!r})")
+        return Branch(name=name, ref="", options=StepOptions(), children=tuple(fn.branches))
     sd = fn if isinstance(fn, StepDef) else as_step(fn, name)
     return Branch(name=name, ref=function_ref(sd.fn), options=sd.options)
 
@@ -230,7 +244,10 @@ def _check_branches(branches: list[Branch]) -> None:
     if not names:
         raise DefinitionError("Parallel needs at least one branch")
     if any(not n for n in names):
-        raise DefinitionError("every Parallel branch needs a name")
+        raise DefinitionError("every Parallel branch needs a name (a nested Parallel: use a "
+                              "dict, name -> Parallel)")
+    if any("/" in n for n in names):
+        raise DefinitionError(f"Parallel branch names may not contain '/', got {names}")
     if len(set(names)) != len(names):
         raise DefinitionError(f"Parallel branch names must be unique, got {names}")
 

@@ -58,6 +58,7 @@ class BranchSpec:
     backoff: float = 1.0
     item: Any = None
     has_item: bool = False
+    children: tuple[BranchSpec, ...] = ()  # a nested fan-out, flattened into the fork
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> floa
     if rec.fork is not None:
         # Which branches finished is not in the record; the store brings the timer forward
         # to finished + join_after when the last branch records its result.
-        for b in rec.fork.branches.values():
+        for b in rec.fork.leaves().values():
             if b.task.dispatched_at is not None:
                 times.append(b.task.dispatched_at + redispatch_after)
             elif not rec.paused:
@@ -255,7 +256,7 @@ def live_tasks(rec: RunRecord) -> list[Task]:
     if rec.task is not None and rec.task.dispatched_at is not None:
         tasks.append(rec.task)
     if rec.fork is not None:
-        tasks += [b.task for b in rec.fork.branches.values() if b.task.dispatched_at is not None]
+        tasks += [b.task for b in rec.fork.leaves().values() if b.task.dispatched_at is not None]
     return tasks
 
 
@@ -265,7 +266,8 @@ def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
         return False
     if branch is None:
         return rec.task is not None and rec.task.token == token
-    return rec.fork is not None and rec.fork.token == token and branch in rec.fork.branches
+    return (rec.fork is not None and rec.fork.token == token and branch in rec.fork.branches
+            and rec.fork.branches[branch].is_leaf)
 
 
 # ---- handlers -------------------------------------------------------------------------
@@ -275,7 +277,9 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
     if not expects(rec, ev.token, ev.branch):
         return _ignore(f"stale completion for token {ev.token}")
     if ev.branch is not None:
-        raise ValueError("branch results are recorded beside the run, not applied to it")
+        if ev.outcome.kind != "parallel":
+            raise ValueError("branch results are recorded beside the run, not applied to it")
+        return _expand(Decision(rec), ev.branch, ev)
     assert rec.task is not None
     spec = _need(spec)
     step = rec.task.step
@@ -445,10 +449,10 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
             if ev.now - last >= ev.join_after:
                 _log(d, ev.now, "join_redriven", step=fork.step)
                 return _join(d, _need(spec), ev.now, results)
-        elif all(b.task.dispatched_at is None for b in fork.branches.values()):
+        elif all(b.task.dispatched_at is None for b in fork.leaves().values()):
             _send_fork(d, ev.now)
         else:
-            for name, b in fork.branches.items():
+            for name, b in fork.leaves().items():
                 if name not in results:
                     _revive(d, b.task, ev)
     return d if (d.commands or d.history) else _ignore("nothing due")
@@ -535,17 +539,41 @@ def _fork(d: Decision, spec: FlowSpec, step: str, out: Outcome, now: float) -> N
     rec.current_step = step
     rec.fork = Fork(
         step=step, token=token, then=out.target, then_queue=spec.steps[out.target].queue,
-        then_token=_next_token(rec), base_state=dict(rec.state),
-        branches={
-            b.name: BranchState(task=Task(
-                step=step, token=token, queue=b.queue, branch=b.name, ref=b.ref,
-                item=b.item, has_item=b.has_item, timeout=b.timeout, retries=b.retries,
-                backoff=b.backoff, due_at=now))
-            for b in out.branches
-        },
+        then_token=_next_token(rec), base_state=dict(rec.state), branches={},
     )
+    _add_branches(rec.fork, out.branches, "", now)
     _log(d, now, "forked", step=step, branches=[b.name for b in out.branches])
     _send_fork(d, now)
+
+
+def _add_branches(fork: Fork, specs: tuple[BranchSpec, ...], parent: str, now: float) -> list[str]:
+    """Put `specs` into the fork under `parent/`; a nested fan-out's children go in too,
+    so only leaves run. Returns the names added at this level."""
+    names = []
+    for b in specs:
+        name = f"{parent}/{b.name}" if parent else b.name
+        fork.branches[name] = BranchState(task=Task(
+            step=fork.step, token=fork.token, queue=b.queue, branch=name, ref=b.ref,
+            item=b.item, has_item=b.has_item, timeout=b.timeout, retries=b.retries,
+            backoff=b.backoff, due_at=now))
+        if b.children:
+            fork.branches[name].children = _add_branches(fork, b.children, name, now)
+        names.append(name)
+    return names
+
+
+def _expand(d: Decision, branch: str, ev: StepDone) -> Decision:
+    """A branch fanned out again: its children join the same fork, sent as their own
+    chord; the branch's output is gathered from theirs at the fork's join."""
+    rec = _rec(d)
+    fork = rec.fork
+    assert fork is not None
+    parent = fork.branches[branch]
+    parent.children = _add_branches(fork, ev.outcome.branches, branch, ev.now)
+    parent.state_patch = dict(ev.state_patch)
+    _log(d, ev.now, "branch_forked", step=fork.step, branch=branch, branches=parent.children)
+    _send_fork(d, ev.now)
+    return d
 
 
 def _send_fork(d: Decision, now: float) -> None:
@@ -553,7 +581,8 @@ def _send_fork(d: Decision, now: float) -> None:
     fork = rec.fork
     if rec.paused or fork is None:
         return
-    pending = [b.task for b in fork.branches.values() if b.task.dispatched_at is None]
+    pending = [b.task for b in fork.leaves().values()
+               if b.task.dispatched_at is None and b.task.due_at <= now]  # not a backoff
     if not pending:
         return
     for t in pending:
@@ -570,9 +599,12 @@ def _join(
     fork = rec.fork
     assert fork is not None
     merged = dict(fork.base_state)
+    # Reducers combine in the order the branches are written, nested ones in place.
+    patches = {name: results[name].state_patch if fork.branches[name].is_leaf
+               else fork.branches[name].state_patch for name in fork.in_tree_order()}
     writers: dict[str, list[str]] = {}
-    for name in fork.branches:
-        for key in results[name].state_patch:
+    for name, patch in patches.items():
+        for key in patch:
             writers.setdefault(key, []).append(name)
     for key, names in writers.items():
         reducer = spec.reducers.get(key)
@@ -582,9 +614,9 @@ def _join(
                          f"branches {names} all wrote state key {key!r}; declare a reducer "
                          f"for it in the state model to combine them")
         if reducer is None:
-            merged[key] = results[names[0]].state_patch[key]
+            merged[key] = patches[names[0]][key]
         else:
-            updates = [results[n].state_patch[key] for n in names]
+            updates = [patches[n][key] for n in names]
             value = merged[key] if key in merged else updates.pop(0)
             try:
                 for update in updates:
@@ -595,18 +627,30 @@ def _join(
                              f"reducer for {key!r} failed: {type(exc).__name__}: {exc}")
             merged[key] = value
     rec.state = merged
-    mapped: dict[str, list[Any]] = {}
-    for name, b in fork.branches.items():
-        if b.task.has_item:
-            mapped.setdefault(name.rsplit("[", 1)[0], []).append(results[name].output)
-        else:
-            rec.step_results[name] = results[name].output
-    rec.step_results.update(mapped)
+    top = [name for name in fork.branches if "/" not in name]
+    rec.step_results.update(_gathered(fork, top, results))
     rec.fork = None
     _log(d, now, "joined", step=fork.step, next=fork.then)
     _schedule_step(d, fork.then, fork.then_queue, now, spec.steps[fork.then].timeout,
                    token=fork.then_token or None)
     return d
+
+
+def _gathered(fork: Fork, names: list[str], results: dict[str, BranchResult]) -> dict[str, Any]:
+    """Outputs of `names` as step_results holds them: each under its own name, a map's in
+    input order under its function's name; a nested fan-out's as a dict of the same shape."""
+    out: dict[str, Any] = {}
+    mapped: dict[str, list[Any]] = {}
+    for name in names:
+        b = fork.branches[name]
+        value = (results[name].output if b.children is None
+                 else _gathered(fork, b.children, results))
+        short = name.rsplit("/", 1)[-1]
+        if b.task.has_item:
+            mapped.setdefault(short.rsplit("[", 1)[0], []).append(value)
+        else:
+            out[short] = value
+    return {**out, **mapped}
 
 
 def _fail(d: Decision, now: float, step: str | None, kind: str, message: str) -> Decision:

@@ -13,14 +13,14 @@ import inspect
 import json
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from ._agents import AgentBox
 from ._context import StepContext, StepResults
-from ._definition import END, Next, Parallel, StepDef, Wait, Workflow, resolve_ref
+from ._definition import END, Branch, Next, Parallel, StepDef, Wait, Workflow, resolve_ref
 from ._engine import BranchSpec, GateSpec, Outcome, StepDone, StepFailed
 from ._records import RunError, RunRecord, Task
 
@@ -48,7 +48,8 @@ def run_task(
     notes: list[dict[str, Any]] = []
     try:
         step_def = resolve_ref(task.ref) if task.ref else wf.step_def(task.step)
-        base_state = rec.fork.base_state if task.branch is not None and rec.fork else rec.state
+        base_state = (rec.fork.state_seen_by(task.branch) if task.branch is not None and rec.fork
+                      else rec.state)
         ctx = StepContext(
             run_id=rec.run_id, step=where, attempt=task.attempt, token=task.token,
             input=wf.input_model.model_validate(rec.input), state_model=wf.state_model,
@@ -60,11 +61,16 @@ def run_task(
             returned = _call(step_def, ctx, task.timeout)
         finally:
             notes = [{**n, "step": where} for n in agents.close_leftovers()]
-        if task.branch is not None and isinstance(returned, Next | Wait | Parallel):
+        if task.branch is not None and isinstance(returned, Next | Wait):
             raise _BadResult(
-                f"a branch returns its output, not {type(returned).__name__}: fan out again "
-                f"from the step after the join")
-        if task.branch is not None or wf.is_imperative:
+                f"a branch returns its output (or a nested Parallel), not "
+                f"{type(returned).__name__}")
+        if task.branch is not None and isinstance(returned, Parallel):
+            if returned.then is not None:
+                raise _BadResult(f"a branch's Parallel gathers into the branch itself: leave "
+                                 f"out then (got {returned.then!r})")
+            outcome = Outcome("parallel", "", branches=_branch_specs(returned.branches))
+        elif task.branch is not None or wf.is_imperative:
             outcome = Outcome("goto", END, _output(returned, step_def, max_payload), True)
         else:
             outcome = _outcome(returned, step_def, wf, max_payload)
@@ -146,17 +152,23 @@ def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -
         )
         return Outcome("wait", returned.then, gate=gate)
     if isinstance(returned, Parallel):
-        branches = tuple(
-            BranchSpec(
-                name=b.name, ref=b.ref, queue=b.options.queue, timeout=b.options.timeout,
-                retries=b.options.retries, backoff=b.options.backoff, item=b.item,
-                has_item=b.has_item)
-            for b in returned.branches
-        )
-        return Outcome("parallel", returned.then, branches=branches)
+        if returned.then is None:
+            raise _BadResult("returned Parallel(...) without then: name the step that gathers "
+                             "the branches")
+        return Outcome("parallel", returned.then, branches=_branch_specs(returned.branches))
     raise _BadResult(
         f"returned {type(returned).__name__} {returned!r:.80}; a step returns a step name, "
         f"END, Next(step, output=...), Wait(...) or Parallel(...)"
+    )
+
+
+def _branch_specs(branches: Sequence[Branch]) -> tuple[BranchSpec, ...]:
+    return tuple(
+        BranchSpec(
+            name=b.name, ref=b.ref, queue=b.options.queue, timeout=b.options.timeout,
+            retries=b.options.retries, backoff=b.options.backoff, item=b.item,
+            has_item=b.has_item, children=_branch_specs(b.children))
+        for b in branches
     )
 
 

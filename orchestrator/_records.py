@@ -73,7 +73,16 @@ class Task(BaseModel):
 
 
 class BranchState(BaseModel):
+    """A branch of a fork. A branch that fanned out again keeps the names of its children
+    (`path/child`) and the state it set before it did; only leaves run and have results."""
+
     task: Task
+    children: list[str] | None = None
+    state_patch: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.children is None
 
 
 class BranchResult(BaseModel):
@@ -97,8 +106,34 @@ class Fork(BaseModel):
     base_state: dict[str, Any]
     then_token: int = 0  # reserved at the fork, so the chord's body can name its task
 
+    def leaves(self) -> dict[str, BranchState]:
+        """The branches that run (a nested fan-out's own entry runs no more)."""
+        return {name: b for name, b in self.branches.items() if b.is_leaf}
+
+    def in_tree_order(self) -> list[str]:
+        """Every branch name, each nested fan-out's children right after their branch."""
+        names: list[str] = []
+
+        def visit(level: list[str]) -> None:
+            for name in level:
+                names.append(name)
+                visit(self.branches[name].children or [])
+
+        visit([name for name in self.branches if "/" not in name])
+        return names
+
     def complete(self, results: dict[str, BranchResult]) -> bool:
-        return all(name in results for name in self.branches)
+        return all(name in results for name in self.leaves())
+
+    def state_seen_by(self, branch: str) -> dict[str, Any]:
+        """The state at the fork, plus what each enclosing branch set before fanning out."""
+        state = dict(self.base_state)
+        parts = branch.split("/")
+        for depth in range(1, len(parts)):
+            enclosing = self.branches.get("/".join(parts[:depth]))
+            if enclosing is not None:
+                state.update(enclosing.state_patch)
+        return state
 
 
 class Approval(BaseModel):

@@ -236,6 +236,11 @@ class Runtime:
         a failure goes through the engine (retry, or fail the run and revoke the rest)."""
         assert rec.fork is not None and task.branch is not None
         run_id, token, branch = rec.run_id, task.token, task.branch
+        if isinstance(event, engine.StepDone) and event.outcome.kind == "parallel":
+            nested = event  # the branch fans out again: that changes the fork itself
+            d = self.apply(store, run_id, lambda r, now: dataclasses.replace(nested, now=now),
+                           self._specs[wf.name], release=lease_id)
+            return "ignored" if d.ignored else "done"
         if isinstance(event, engine.StepFailed):
             if branch in store.branch_results(run_id, token):
                 store.note(run_id, {"at": finished, "event": "ignored", "what": "StepFailed",
@@ -250,8 +255,9 @@ class Runtime:
                               finished_at=finished, attempt=task.attempt)
         entry = {"at": finished, "event": "branch_completed", "step": rec.fork.step,
                  "branch": branch}
-        kept = store.record_branch(run_id, token, branch, result, entry, lease_id,
-                                   len(rec.fork.branches), finished + self.settings.join_after)
+        width = len(rec.fork.leaves())
+        kept = store.record_branch(run_id, token, branch, result, entry, lease_id, width,
+                                   finished + self.settings.join_after)
         for note in event.notes:
             store.note(run_id, {"at": finished, **note})
         if kept is None:
@@ -261,7 +267,7 @@ class Runtime:
             return "ignored"
         # A retried or re-sent branch was not in the chord that was sent: that chord's join
         # came and went, so the branch that completes the fork joins it.
-        if kept == len(rec.fork.branches) and task.attempt > 1:
+        if kept == width and task.attempt > 1:
             self.join(wf.name, run_id, token)
         return "done"
 

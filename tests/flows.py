@@ -319,7 +319,8 @@ def slow_sibling(ctx: Any) -> str:
 def broken_after_sibling(ctx: Any) -> None:
     # Fail only once the sibling is running, so the revoke must stop a live task.
     deadline = time.monotonic() + 60
-    while not any(e["step"].endswith("[slow]") for e in events(r(), ctx.run_id)):
+    while not any(e["step"].endswith(("[slow]", "/slow_sibling]"))
+                  for e in events(r(), ctx.run_id)):
         if time.monotonic() > deadline:
             break
         time.sleep(0.02)
@@ -401,13 +402,53 @@ parked = Workflow("Parked").persistence(key_prefix="parked:").flow({
 })
 
 
-def nests(ctx: Any) -> Parallel:
-    return Parallel([linux], "Join3")
+def build_arch(ctx: Any) -> str:
+    ctx.set_state(logs=[f"{ctx.item} built"])
+    return f"{ctx.item}-{ctx.state.linux}-{ctx.state.seed}"
 
 
-nested_in_branch = Workflow("NestedInBranch").state(FanState).flow({
-    START: "Fork", "Fork": lambda ctx: Parallel([nests], "Join3"),
-    "Join3": lambda ctx: END,
+def linux_archs(ctx: Any) -> Parallel:
+    ctx.set_state(linux="fanned")  # its own branches see this; the join merges it
+    return Parallel.map(build_arch, ["x86", "arm"])
+
+
+def where_am_i(ctx: Any) -> str:
+    return str(ctx.branch)
+
+
+def fork_nested(ctx: Any) -> Parallel:
+    ctx.set_state(seed=7)
+    return Parallel({
+        "linux": linux_archs,  # fans out again when it runs
+        "mac": mac,
+        "win": Parallel({"x64": where_am_i, "arm64": where_am_i}),  # nested as written
+    }, "Bundle")
+
+
+nested = Workflow("Nested").state(FanState).flow({
+    START: "Fork", "Fork": fork_nested,
+    "Bundle": lambda ctx: Next(END, output={k: ctx.step_results[k] for k in ("linux", "mac",
+                                                                               "win")}),
+})
+
+
+def fans_into_breaking(ctx: Any) -> Parallel:
+    return Parallel([slow_sibling, broken_after_sibling])
+
+
+nested_failing = Workflow("NestedFailing").flow({
+    START: "Fork", "Fork": lambda ctx: Parallel({"outer": fans_into_breaking}, "End"),
+    "End": lambda ctx: END,
+})
+
+
+def nests_with_then(ctx: Any) -> Parallel:
+    return Parallel([linux], "Bundle")
+
+
+nested_with_then = Workflow("NestedWithThen").state(FanState).flow({
+    START: "Fork", "Fork": lambda ctx: Parallel([nests_with_then], "Bundle"),
+    "Bundle": lambda ctx: END,
 })
 
 

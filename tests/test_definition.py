@@ -97,6 +97,21 @@ def test_parallel_branches_must_be_importable_and_unique() -> None:
     assert [b.item for b in fan.branches] == ["x", "y"]
 
 
+def test_nested_parallels_are_named_and_gather_into_their_branch() -> None:
+    nested = Parallel({"outer": Parallel([branch_a]), "b": branch_a}, "J")
+    outer, b = nested.branches
+    assert outer.ref == "" and [c.name for c in outer.children] == ["branch_a"]
+    assert b.ref.endswith(":branch_a") and b.children == ()
+    with pytest.raises(DefinitionError, match="leave out then"):
+        Parallel({"outer": Parallel([branch_a], "K")}, "J")
+    with pytest.raises(DefinitionError, match="use a dict"):
+        Parallel([Parallel([branch_a])], "J")  # type: ignore[list-item]
+    with pytest.raises(DefinitionError, match="'/'"):
+        Parallel({"a/b": branch_a}, "J")
+    with pytest.raises(DefinitionError, match="no items"):
+        Parallel.map(branch_a, [], "J")
+
+
 def test_definitions_are_immutable_and_versioned() -> None:
     base = Workflow("W", "d")
     built = base.state(State).flow({START: ok})

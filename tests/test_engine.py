@@ -383,6 +383,69 @@ def test_tick_redrives_a_lost_join() -> None:
     assert "join_redriven" in [h["event"] for h in d.history]
 
 
+def nested_done(rec: RunRecord, branch: str, *children: str,
+                patch: dict[str, Any] | None = None) -> engine.Decision:
+    """Branch `branch` returned Parallel(children)."""
+    specs = tuple(BranchSpec(c, f"m:{c}", "q") for c in children)
+    assert rec.fork is not None
+    return engine.apply(rec, StepDone(rec.fork.token, 121.0, patch or {},
+                                      Outcome("parallel", "", branches=specs), branch), SPEC)
+
+
+def test_a_branch_that_fans_out_again_sends_its_children_into_the_same_fork() -> None:
+    rec = forked("x", "y")
+    d = nested_done(rec, "x", "p", "q", patch={"a": 1})
+    assert d.record is not None and d.record.fork is not None
+    fork = d.record.fork
+    assert fork.branches["x"].children == ["x/p", "x/q"]
+    assert sorted(fork.leaves()) == ["x/p", "x/q", "y"]
+    (cmd,) = d.commands
+    assert isinstance(cmd, SendFork) and [t.branch for t in cmd.tasks] == ["x/p", "x/q"]
+    assert cmd.token == fork.token and cmd.then == "C" and cmd.then_token == fork.then_token
+    assert fork.state_seen_by("x/p") == {"n": 1, "a": 1}  # what x set before fanning out
+    assert [h["event"] for h in d.history] == ["branch_forked"]
+    assert not nested_done(d.record, "x", "p").changed  # a duplicate of x: x runs no more
+    assert not engine.apply(d.record, Join(fork.token, 122.0, {  # x's children unfinished
+        "y": result("Y"), "x": result("X")}), SPEC).changed
+
+
+def test_a_nested_fan_out_gathers_into_its_branch() -> None:
+    rec = nested_done(forked("x", "y"), "x", "p", "q", patch={"a": 1}).record
+    assert rec is not None and rec.fork is not None
+    d = engine.apply(rec, Join(rec.fork.token, 123.0, {
+        "y": result("Y", {"logs": ["y"]}), "x/p": result("P", {"logs": ["p"]}),
+        "x/q": result("Q")}), SPEC)
+    assert d.record is not None and sent(d) == ["C"]
+    assert d.record.step_results["x"] == {"p": "P", "q": "Q"}
+    assert d.record.step_results["y"] == "Y" and "x/p" not in d.record.step_results
+    assert d.record.state == {"n": 1, "a": 1, "logs": ["p", "y"]}
+    assert d.record.task is not None and d.record.task.token == rec.fork.then_token
+
+
+def test_a_parallel_nested_in_the_definition_is_flattened_at_the_fork() -> None:
+    inner = (BranchSpec("a", "m:a", "q"), BranchSpec("b", "m:b", "q", item=1, has_item=True))
+    out = Outcome("parallel", "C", branches=(BranchSpec("w", "", "q", children=inner),
+                                             BranchSpec("y", "m:y", "q")))
+    d = done(started(), out)
+    assert d.record is not None and d.record.fork is not None
+    (cmd,) = d.commands
+    assert isinstance(cmd, SendFork) and [t.branch for t in cmd.tasks] == ["w/a", "w/b", "y"]
+    j = engine.apply(d.record, Join(d.record.fork.token, 121.0, {
+        "w/a": result("A"), "w/b": result("B"), "y": result("Y")}), SPEC)
+    assert j.record is not None and j.record.step_results["w"] == {"a": "A", "b": ["B"]}
+
+
+def test_a_failing_nested_branch_revokes_every_live_branch() -> None:
+    rec = nested_done(forked("x", "y"), "x", "p", "q").record
+    assert rec is not None and rec.fork is not None
+    error = RunError(type="RuntimeError", message="on fire")
+    d = engine.apply(rec, StepFailed(rec.fork.token, 122.0, error, branch="x/p"), SPEC)
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+    assert d.record.error is not None and d.record.error.step == "A[x/p]"
+    (revoke,) = d.commands
+    assert isinstance(revoke, Revoke) and revoke.task_ids == ("r1:2:y:1", "r1:2:x/q:1")
+
+
 # ---- recovery -------------------------------------------------------------------------
 
 

@@ -96,8 +96,41 @@ def test_fan_outs_join_with_no_coordinator(cluster_factory: Callable[..., Cluste
     assert len(joined) == 1 and joined[0]["next"] == "Gather"
 
 
-def test_a_branch_cannot_fan_out_inside_itself(make_runner: Runner) -> None:
-    result = make_runner(flows.nested_in_branch).run().result(timeout=60)
+def test_branches_fan_out_again_when_run_and_as_written(make_runner: Runner) -> None:
+    handle = make_runner(flows.nested).run()
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.output == {
+        # linux ran, set state, and fanned out over data: its branches saw what it set
+        "linux": {"build_arch": ["x86-fanned-7", "arm-fanned-7"]},
+        "mac": "M",
+        # win was a Parallel in the definition: flattened at the fork, no task of its own
+        "win": {"x64": "win/x64", "arm64": "win/arm64"},
+    }
+    assert result.state["linux"] == "fanned" and result.state["mac"] == "mac"
+    assert sorted(result.state["logs"]) == ["arm built", "mac built", "x86 built"]
+    forked = _history(handle, "branch_forked")
+    assert [(e["branch"], e["branches"]) for e in forked] == [
+        ("linux", ["linux/build_arch[0]", "linux/build_arch[1]"])]
+    assert len(_history(handle, "joined")) == 1
+
+
+def test_a_failing_nested_branch_fails_the_run_and_revokes_the_rest(
+        cluster: Cluster, rclient: redis.Redis) -> None:
+    handle = WorkflowRunner(flows.nested_failing, app=cluster.app).run(run_id="nf1")
+    result = handle.result(timeout=60)
     assert result.status is RunStatus.FAILED
-    assert result.error is not None and result.error.step == "Fork[nests]"
-    assert "a branch returns its output" in result.error.message
+    assert result.error is not None
+    assert result.error.step == "Fork[outer/broken_after_sibling]"
+    assert "the mac builder is on fire" in result.error.message
+    rclient.set("t:nf1:release", 1)  # the nested sibling, were it still running, would finish
+    wait_for(lambda: not rclient.keys("orchestrator:run:{nf1}:lease:*"), 30,
+             what="the revoked nested sibling's lease to lapse")
+    assert [e for e in flows.events(rclient, "nf1") if e["what"] == "finished"] == []
+
+
+def test_a_nested_parallel_may_not_name_a_then(make_runner: Runner) -> None:
+    result = make_runner(flows.nested_with_then).run().result(timeout=60)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None and result.error.step == "Fork[nests_with_then]"
+    assert "gathers into the branch itself" in result.error.message
