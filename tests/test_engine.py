@@ -6,6 +6,7 @@ import operator
 from typing import Any
 
 import pytest
+from hypothesis import event as hypothesis_event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -497,4 +498,77 @@ def test_any_event_sequence_keeps_the_invariants(script: list[str]) -> None:
             assert not any(isinstance(c, SendTask) for c in d.commands)
         tokens = [c.task.token for c in d.commands if isinstance(c, SendTask)]
         assert len(tokens) == len(set(tokens))
+        rec = d.record
+
+
+FORK_ACTIONS = st.lists(st.tuples(
+    st.sampled_from(["finish"] * 6 + ["expand"] * 3 + ["join"] * 2 + ["fail", "tick", "pause",
+                                                                      "resume"]),
+    st.integers(min_value=0, max_value=7)), max_size=30)
+
+
+def _nested_output(fork: Any, name: str, results: dict[str, BranchResult]) -> Any:
+    b = fork.branches[name]
+    if b.children is None:
+        return results[name].output
+    return {c.rsplit("/", 1)[-1]: _nested_output(fork, c, results) for c in b.children}
+
+
+@settings(max_examples=200, deadline=None)
+@given(FORK_ACTIONS)
+def test_any_fork_script_joins_once_with_every_leaf(script: list[tuple[str, int]]) -> None:
+    rec = forked("x", "y")
+    fork_at_start = rec.fork
+    assert fork_at_start is not None
+    token = fork_at_start.token
+    results: dict[str, BranchResult] = {}
+    now = 121.0
+    for action, pick in script:
+        now += 1.0
+        if rec.fork is None:
+            break
+        open_leaves = [n for n, b in rec.fork.leaves().items()  # running: sent, unfinished
+                       if b.task.dispatched_at is not None and n not in results]
+        leaf = open_leaves[pick % len(open_leaves)] if open_leaves else None
+        event: engine.Event | None = None
+        if action == "finish" and leaf is not None:
+            results[leaf] = result(f"out:{leaf}", at=now)  # recorded beside the record
+            continue
+        if action == "expand" and leaf is not None and leaf.count("/") < 3:
+            specs = (BranchSpec("p", "m:p", "q"), BranchSpec("q", "m:q", "q"))
+            event = StepDone(token, now, {}, Outcome("parallel", "", branches=specs), leaf)
+        elif action == "fail" and leaf is not None and pick == 0:  # rare: it ends the run
+            event = StepFailed(token, now, RunError(type="E", message="m"), branch=leaf)
+        elif action == "join":
+            event = Join(token, now, dict(results))
+        elif action == "tick":
+            event = Tick(now, join_after=0.0, branch_results=dict(results))
+        elif action == "pause":
+            event = Pause(now)
+        elif action == "resume":
+            event = Resume(now)
+        if event is None:
+            continue
+        before = rec
+        try:
+            d = engine.apply(rec, event, SPEC)
+        except ControlError:
+            continue
+        if d.record is None:
+            continue
+        assert before.fork is not None
+        for cmd in d.commands:  # only open leaves of this fork are ever sent
+            tasks = cmd.tasks if isinstance(cmd, SendFork) else (
+                (cmd.task,) if isinstance(cmd, SendTask) and cmd.task.branch else ())
+            for t in tasks:
+                assert d.record.fork is not None and t.branch in d.record.fork.leaves()
+                assert t.branch not in results
+        if d.record.fork is None and d.record.status is RunStatus.RUNNING:
+            # joined: every leaf had a result, and each output landed where it belongs
+            assert before.fork.complete(results)
+            for top in (n for n in before.fork.branches if "/" not in n):
+                assert d.record.step_results[top] == _nested_output(before.fork, top, results)
+            assert d.record.task is not None and d.record.task.token == before.fork.then_token
+            nested = any(not b.is_leaf for b in before.fork.branches.values())
+            hypothesis_event("joined a nested fork" if nested else "joined a flat fork")
         rec = d.record
