@@ -319,6 +319,11 @@ class Runtime:
         if loaded.record is None:
             store.set_due(run_id, None)
             return 0
+        if loaded.record.workflow not in self.workflows:
+            # Another runtime shares this key prefix and hosts it (an embedded runtime
+            # beside a cluster): give the claim back rather than send what it cannot run.
+            store.set_due(run_id, self._due(loaded.record))
+            return 0
 
         def tick(rec: RunRecord, now: float) -> engine.Event:
             results = store.branch_results(run_id, rec.fork.token) if rec.fork else {}
@@ -336,6 +341,12 @@ class Runtime:
 
     def sweep_all(self) -> int:
         return sum(self.sweep(store) for store in self.stores())
+
+    def close(self) -> None:
+        """Stop the dispatcher's background work (an embedded sweeper) and drop connections."""
+        self.dispatcher.close()
+        for store in self._stores.values():
+            store.close()
 
 
 def spec_of(wf: Workflow) -> FlowSpec:

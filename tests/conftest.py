@@ -27,7 +27,8 @@ import pytest
 import redis
 
 if TYPE_CHECKING:
-    from orchestrator import Workflow, WorkflowRunner
+    from orchestrator import RunStore, Workflow, WorkflowRunner
+    from orchestrator._runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -245,6 +246,23 @@ def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
     c.worker("w1")
     c.worker("w2")
     return c
+
+
+@pytest.fixture
+def local_runtimes() -> Iterator[Callable[[RunStore], Runtime]]:
+    """In-process runtimes over a given store, closed after the test: a sweeper left
+    running would claim the timers of the tests that come after it."""
+    from orchestrator import local_runtime
+
+    made: list[Runtime] = []
+
+    def make(store: RunStore) -> Runtime:
+        made.append(local_runtime(store))
+        return made[-1]
+
+    yield make
+    for runtime in made:
+        runtime.close()
 
 
 Runner = Callable[["Workflow"], "WorkflowRunner"]

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import pytest
 import redis
 from pydantic import BaseModel, ValidationError
@@ -12,12 +15,15 @@ from orchestrator import (
     START,
     Next,
     RunStatus,
+    RunStore,
+    Settings,
     StoreUnavailable,
     Workflow,
     WorkflowRunner,
-    local_runtime,
 )
 from orchestrator._celery import create_app
+from orchestrator._dispatch.base import Dispatcher
+from orchestrator._runtime import Runtime
 from orchestrator._stores import RedisStore
 from tests import flows
 from tests.conftest import Cluster, Runner
@@ -128,14 +134,15 @@ def test_non_json_output_fails_clearly(make_runner: Runner) -> None:
     assert result.error.type == "InvalidStepResult"
 
 
-def test_redis_unreachable_at_run_is_a_clear_error() -> None:
+def test_redis_unreachable_at_run_is_a_clear_error(
+        local_runtimes: Callable[[RunStore], Runtime]) -> None:
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = RedisStore(f"redis://:secret@127.0.0.1:{port}/0")
-    runner = WorkflowRunner(flows.branching, runtime=local_runtime(store))
+    runner = WorkflowRunner(flows.branching, runtime=local_runtimes(store))
     with pytest.raises(StoreUnavailable) as info:
         runner.run({"value": 1})
     assert f"127.0.0.1:{port}" in str(info.value)
@@ -177,13 +184,40 @@ def test_payload_limit_is_a_clear_error(make_runner: Runner) -> None:
     assert runner.run({"size": 10}).result(timeout=60).output == "x" * 10
 
 
-def test_oversized_input_is_refused_before_anything_is_written(redis_url: str) -> None:
+def test_oversized_input_is_refused_before_anything_is_written(
+        redis_url: str, local_runtimes: Callable[[RunStore], Runtime]) -> None:
     class Text(BaseModel):
         text: str
 
     echo = Workflow("Echo").input(Text).flow({START: lambda ctx: Next(END, ctx.input.text)})
-    runner = WorkflowRunner(echo, runtime=local_runtime(RedisStore(redis_url)))
+    runner = WorkflowRunner(echo, runtime=local_runtimes(RedisStore(redis_url)))
     with pytest.raises(ValueError, match="ORCHESTRATOR_MAX_PAYLOAD"):
         runner.run({"text": "x" * (2 * 1024 * 1024)})
     assert runner.store.list_runs() == []
     assert runner.run({"text": "hi"}).result(timeout=30).output == "hi"
+
+
+class _Recorder(Dispatcher):
+    """Sends nothing: keeps the commands, so a test plays the lost message."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, commands: Sequence[Any]) -> None:
+        self.sent.extend(commands)
+
+
+def test_a_sweep_leaves_runs_of_workflows_it_does_not_host_to_who_does(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, redispatch_after=0.0)
+    store = RedisStore(redis_url)
+    host, other = _Recorder(), _Recorder()
+    hosting = Runtime(host, settings, [flows.branching], store_factory=lambda p: store)
+    foreign = Runtime(other, settings, [flows.blob], store_factory=lambda p: store)
+    run_id, _ = hosting.start(flows.branching, {"value": 1})  # its message is "lost"
+    (due_before,) = [s for _, s in store.redis.zrange("orchestrator:due", 0, -1,
+                                                      withscores=True)]
+    assert foreign.sweep(store) == 0 and other.sent == []
+    # The claim is given back: the due time is what it was, not pushed a hold ahead.
+    assert store.redis.zscore("orchestrator:due", run_id) == due_before
+    assert hosting.sweep(store) == 1
+    assert [c.task.attempt for c in host.sent] == [1, 2]  # the start, then the re-send
