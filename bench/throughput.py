@@ -5,16 +5,20 @@ Usage:
         [--chords 50] [--width 8] [--wide-chords 8] [--wide 50] [--raw-prefetch 4,1]
         [--rounds 3] [--ours-loglevel WARNING] [--redis-url redis://127.0.0.1:6379/15] [--json]
 
-Needs Redis; the database in --redis-url is FLUSHED before and after every phase.
-The phases run one after the other, so they never compete for the cores, each with its own
-worker subprocess (prefork pool, concurrency 2, no heartbeat/gossip/mingle, log level
-WARNING):
+Needs Redis; the database in --redis-url is FLUSHED before and after. Every side keeps its
+own worker subprocesses (prefork pool, concurrency 2, no heartbeat/gossip/mingle, log level
+WARNING) for the whole invocation, idle while another side is measured:
 
   raw Celery  `celery worker` for bench/raw_celery.py, configured as
               ../shared/bench/celery_baseline.py is (JSON, acks_late, results in Redis,
-              prefetch 4); `--raw-prefetch 4,1` adds a phase with our prefetch of 1.
-  ours        `orchestrator worker -c 2` plus `orchestrator coordinator` (which joins
-              fan-outs and runs the sweeper), hosting bench/flows.py.
+              prefetch 4), on a queue of its own; `--raw-prefetch 4,1` adds a worker with
+              our prefetch of 1.
+  ours        `orchestrator worker -c 2` plus `orchestrator coordinator` (timers and the
+              recovery sweep), hosting bench/flows.py.
+
+Measures are interleaved: each one is taken on every side back to back, in an order that
+flips every round, so a ratio compares runs seconds apart. These machines drift (the same
+phase swings by 2x within minutes), and a ratio of phases minutes apart measured the drift.
 
 What each side is asked to do:
   per-step latency  raw: one chain of --steps no-op tasks; ours: one run of the loop flow
@@ -27,12 +31,12 @@ What each side is asked to do:
                     branches -> Gather); again with --wide-chords of width --wide.
   history growth    ours: one loop run of --loop iterations; mean time per iteration of
                     the first 50 and the last 50, from the run's history (should be ~1.0).
-  CPU per step      user + system CPU of each process tree (this client, the worker's main
-                    process and its pool, the coordinator, redis-server) over the steps/s
-                    and the first branches/s phase, per step or branch.
+  CPU per step      user + system CPU of each process tree (this client, the side's worker
+                    main process and its pool, the coordinator, redis-server) over the
+                    steps/s and the first branches/s measure, per step or branch.
 
-With --rounds N the whole sequence runs N times; figures are medians, a ratio is the median
-of the N per-round ratios (each taken from phases seconds apart), with its range.
+Figures are medians over --rounds; a ratio is the median of the per-round ratios, with its
+range.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,14 +81,15 @@ class Processes:
         self.env = env
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: Sequence[str]) -> None:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
         log = (self.logdir / f"{name}.log").open("wb")
         try:
-            proc = subprocess.Popen(list(argv), env=self.env, cwd=ROOT, stdout=log,
+            proc = subprocess.Popen(list(argv), env=env or self.env, cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log.close()
         self.procs.append((name, proc))
+        return proc.pid
 
     def check_alive(self) -> None:
         for name, proc in self.procs:
@@ -169,62 +174,130 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # run the finally blocks: stop the workers
 
 
-# ---- raw Celery ---------------------------------------------------------------------------
+# ---- the sides ------------------------------------------------------------------------------
+
+Result = dict[str, Any]
 
 
-def raw_phase(url: str, prefetch: int, a: argparse.Namespace, logdir: Path) -> dict[str, float]:
+class RawCelery:
     """The floor: raw Celery canvas, configured as ../shared/bench/celery_baseline.py."""
-    os.environ.update(BENCH_REDIS_URL=url, BENCH_PREFETCH=str(prefetch))
-    from celery import chain, chord, group
 
-    from bench.raw_celery import app, join, noop
+    def __init__(self, url: str, prefetch: int, procs: Processes) -> None:
+        os.environ.update(BENCH_REDIS_URL=url, BENCH_PREFETCH=str(prefetch))
+        from celery import chain, chord, group
 
-    app.conf.update(broker_url=url, result_backend=url, worker_prefetch_multiplier=prefetch)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    celery = str(Path(sys.executable).parent / "celery")
-    with processes(logdir, env) as procs:
-        procs.start(f"raw-worker-pf{prefetch}",
-                    [celery, "-A", "bench.raw_celery", "worker", "-c", "2", "-P", "prefork",
-                     "-l", "WARNING", "-n", f"raw-pf{prefetch}@%h", *WORKER_FLAGS])
-        # Warm up: the worker is consuming and both pool processes have run tasks.
-        group([chain(*[noop.s() for _ in range(10)]) for _ in range(4)]).apply_async().get(
-            timeout=120)
-        procs.check_alive()
-        cpu = CpuMeter(url, {"worker": procs.procs[0][1].pid})
-        cpu_steps: dict[str, float] = {}
-        cpu_branches: dict[str, float] = {}
+        from bench.raw_celery import app, join, noop
 
+        self.name = f"raw pf={prefetch}"
+        self.queue = f"bench.raw.pf{prefetch}"
+        self.chain, self.chord, self.group, self.join, self.noop = chain, chord, group, join, noop
+        app.conf.update(broker_url=url, result_backend=url)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_PREFETCH": str(prefetch)}
+        celery = str(Path(sys.executable).parent / "celery")
+        pid = procs.start(f"raw-worker-pf{prefetch}",
+                          [celery, "-A", "bench.raw_celery", "worker", "-c", "2", "-P",
+                           "prefork", "-l", "WARNING", "-Q", self.queue, "-n",
+                           f"raw-pf{prefetch}@%h", *WORKER_FLAGS], env)
+        self.cpu = CpuMeter(url, {"worker": pid})
+
+    def _sig(self, task: Any) -> Any:
+        return task.s().set(queue=self.queue)
+
+    def warm_up(self) -> None:
+        self.group([self.chain(*[self._sig(self.noop) for _ in range(10)])
+                    for _ in range(4)]).apply_async(queue=self.queue).get(timeout=120)
+
+    def hop_ms(self, steps: int) -> Result:
         t = time.perf_counter()
-        chain(*[noop.s() for _ in range(a.steps)]).apply_async().get(timeout=TIMEOUT)
-        hop_ms = (time.perf_counter() - t) / a.steps * 1000
+        self.chain(*[self._sig(self.noop) for _ in range(steps)]).apply_async().get(
+            timeout=TIMEOUT)
+        return {"hop_ms": (time.perf_counter() - t) / steps * 1000}
 
-        with cpu.measure(cpu_steps, a.runs * 10):
-            t = time.perf_counter()
-            results = [chain(*[noop.s() for _ in range(10)]).apply_async()
-                       for _ in range(a.runs)]
-            for r in results:
-                r.get(timeout=TIMEOUT)
-            steps_s = a.runs * 10 / (time.perf_counter() - t)
+    def steps_s(self, runs: int) -> Result:
+        def start() -> list[Any]:
+            return [self.chain(*[self._sig(self.noop) for _ in range(10)]).apply_async()
+                    for _ in range(runs)]
 
-        def chords(n: int, width: int) -> float:
-            t = time.perf_counter()
-            results = [chord(group([noop.s() for _ in range(width)]), join.s()).apply_async()
-                       for _ in range(n)]
-            for r in results:
-                got = r.get(timeout=TIMEOUT)
-                assert got == width, f"chord of {width} joined {got}"
-            return n * width / (time.perf_counter() - t)
+        rate, cpu = timed(self.cpu, runs * 10, start, lambda r: r.get(timeout=TIMEOUT))
+        return {"steps_s": rate, "cpu_ms_per_step": cpu}
 
-        with cpu.measure(cpu_branches, a.chords * a.width):
-            branches_s = chords(a.chords, a.width)
-        wide_branches_s = chords(a.wide_chords, a.wide)
-        procs.check_alive()
-    return {"hop_ms": hop_ms, "steps_s": steps_s, "branches_s": branches_s,
-            "wide_branches_s": wide_branches_s, "cpu_ms_per_step": cpu_steps,
-            "cpu_ms_per_branch": cpu_branches}
+    def branches_s(self, n: int, width: int) -> Result:
+        def start() -> list[Any]:
+            return [self.chord(self.group([self._sig(self.noop) for _ in range(width)]),
+                               self._sig(self.join)).apply_async() for _ in range(n)]
+
+        def finish(r: Any) -> None:
+            got = r.get(timeout=TIMEOUT)
+            assert got == width, f"chord of {width} joined {got}"
+
+        rate, cpu = timed(self.cpu, n * width, start, finish)
+        return {"branches_s": rate, "cpu_ms_per_branch": cpu}
 
 
-# ---- ours ---------------------------------------------------------------------------------
+class Ours:
+    """`orchestrator worker -c 2` and `orchestrator coordinator`, driven by WorkflowRunner."""
+
+    def __init__(self, url: str, procs: Processes, loglevel: str) -> None:
+        env = {**os.environ, "ORCHESTRATOR_REDIS_URL": url,
+               "ORCHESTRATOR_WORKFLOWS": "bench.flows", "PYTHONPATH": str(ROOT)}
+        from bench.flows import fan_out, loop, noop10
+        from orchestrator import Settings, WorkflowRunner, create_app
+
+        self.name = "ours"
+        app = create_app(Settings.from_env(env))
+        cli = [sys.executable, "-m", "orchestrator.cli"]
+        worker = procs.start("ours-worker", [*cli, "worker", "-c", "2", "-l", loglevel,
+                                             "-n", "bench-worker@%h", *WORKER_FLAGS], env)
+        coordinator = procs.start("ours-coordinator", [*cli, "coordinator", "-l", loglevel,
+                                                       "-n", "bench-coordinator@%h",
+                                                       *WORKER_FLAGS], env)
+        self.cpu = CpuMeter(url, {"worker": worker, "coordinator": coordinator})
+        self.chains, self.loops, self.fans = (WorkflowRunner(wf, app=app)
+                                              for wf in (noop10, loop, fan_out))
+
+    def warm_up(self) -> None:
+        for h in [self.chains.run() for _ in range(4)] + [self.fans.run({"width": 2})]:
+            wait_done(h, 120)
+
+    def hop_ms(self, steps: int) -> Result:
+        t = time.perf_counter()
+        h = self.loops.run({"times": steps})
+        wait_done(h)
+        hop_ms = (time.perf_counter() - t) / steps * 1000
+        hist = h.history()
+        return {"hop_ms": hop_ms, "hop_server_ms": (hist[-1]["at"] - hist[0]["at"]) / steps * 1000}
+
+    def steps_s(self, runs: int) -> Result:
+        rate, cpu = timed(self.cpu, runs * 10, lambda: [self.chains.run() for _ in range(runs)],
+                          wait_done)
+        return {"steps_s": rate, "cpu_ms_per_step": cpu}
+
+    def branches_s(self, n: int, width: int) -> Result:
+        def finish(h: Any) -> None:
+            got = wait_done(h).output
+            assert got == width, f"fan-out of {width} gathered {got}"
+
+        rate, cpu = timed(self.cpu, n * width,
+                          lambda: [self.fans.run({"width": width}) for _ in range(n)], finish)
+        return {"branches_s": rate, "cpu_ms_per_branch": cpu}
+
+    def growth(self, iterations: int) -> Result:
+        h = self.loops.run({"times": iterations})
+        res = wait_done(h)
+        assert res.state["n"] == iterations, res.state
+        return {"loop": per_iteration(h.history())}
+
+
+def timed(meter: CpuMeter, count: int, start: Callable[[], list[Any]],
+          finish: Callable[[Any], Any]) -> tuple[float, dict[str, float]]:
+    """Start everything, finish each in turn: `count` per second, and CPU ms per one."""
+    cpu: dict[str, float] = {}
+    with meter.measure(cpu, count):
+        t = time.perf_counter()
+        for pending in start():
+            finish(pending)
+        rate = count / (time.perf_counter() - t)
+    return rate, cpu
 
 
 def wait_done(handle: Any, timeout: float = TIMEOUT) -> Any:
@@ -258,71 +331,26 @@ def per_iteration(history: list[dict[str, Any]], window: int = 50) -> dict[str, 
             "median_ms": statistics.median(gaps) * 1000}
 
 
-def ours_phase(url: str, a: argparse.Namespace, logdir: Path) -> dict[str, Any]:
-    env = {**os.environ, "ORCHESTRATOR_REDIS_URL": url, "ORCHESTRATOR_WORKFLOWS": "bench.flows",
-           "PYTHONPATH": str(ROOT)}
-    from bench.flows import fan_out, loop, noop10
-    from orchestrator import Settings, WorkflowRunner, create_app
-
-    app = create_app(Settings.from_env(env))
-    cli = [sys.executable, "-m", "orchestrator.cli"]
-    with processes(logdir, env) as procs:
-        procs.start("ours-worker", [*cli, "worker", "-c", "2", "-l", a.ours_loglevel,
-                                    "-n", "bench-worker@%h", *WORKER_FLAGS])
-        procs.start("ours-coordinator", [*cli, "coordinator", "-l", a.ours_loglevel,
-                                         "-n", "bench-coordinator@%h", *WORKER_FLAGS])
-        chains, loops, fans = (WorkflowRunner(wf, app=app) for wf in (noop10, loop, fan_out))
-        # Warm up: workers consuming, both pool processes busy once, the coordinator joining.
-        for h in [chains.run() for _ in range(4)] + [fans.run({"width": 2})]:
-            wait_done(h, 120)
-        procs.check_alive()
-        cpu = CpuMeter(url, {name.removeprefix("ours-"): p.pid for name, p in procs.procs})
-        cpu_steps: dict[str, float] = {}
-        cpu_branches: dict[str, float] = {}
-
-        # Per-step latency: one run that loops `steps` times (one task per iteration).
-        t = time.perf_counter()
-        h = loops.run({"times": a.steps})
-        wait_done(h)
-        hop_ms = (time.perf_counter() - t) / a.steps * 1000
-        hist = h.history()
-        hop_server_ms = (hist[-1]["at"] - hist[0]["at"]) / a.steps * 1000
-
-        # Steps/s: `runs` runs of ten no-op steps in flight at once.
-        with cpu.measure(cpu_steps, a.runs * 10):
-            t0, t = time.time(), time.perf_counter()
-            handles = [chains.run() for _ in range(a.runs)]
-            for h in handles:
-                wait_done(h)
-            steps_s = a.runs * 10 / (time.perf_counter() - t)
-        last = max(h.history(-1)[0]["at"] for h in handles)
-        steps_s_server = a.runs * 10 / (last - t0)
-
-        # History growth: the same cost for the last iterations as for the first.
-        h = loops.run({"times": a.loop})
-        res = wait_done(h)
-        assert res.state["n"] == a.loop, res.state
-        growth = per_iteration(h.history())
-
-        def fan_outs(n: int, width: int) -> float:
-            t = time.perf_counter()
-            handles = [fans.run({"width": width}) for _ in range(n)]
-            for h in handles:
-                got = wait_done(h).output
-                assert got == width, f"fan-out of {width} gathered {got}"
-            return n * width / (time.perf_counter() - t)
-
-        with cpu.measure(cpu_branches, a.chords * a.width):
-            branches_s = fan_outs(a.chords, a.width)
-        wide_branches_s = fan_outs(a.wide_chords, a.wide)
-        procs.check_alive()
-    return {"hop_ms": hop_ms, "hop_server_ms": hop_server_ms, "steps_s": steps_s,
-            "steps_s_server": steps_s_server, "branches_s": branches_s,
-            "wide_branches_s": wide_branches_s, "loop": growth, "cpu_ms_per_step": cpu_steps,
-            "cpu_ms_per_branch": cpu_branches}
+def one_round(sides: list[Any], ours: Ours, a: argparse.Namespace, flip: bool) -> Result:
+    """Every measure on every side, back to back; the order of sides flips with `flip`."""
+    order = list(reversed(sides)) if flip else sides
+    measures = [
+        lambda side: side.hop_ms(a.steps),
+        lambda side: side.steps_s(a.runs),
+        lambda side: side.branches_s(a.chords, a.width),
+        lambda side: {"wide_branches_s": side.branches_s(a.wide_chords, a.wide)["branches_s"]},
+    ]
+    out: dict[str, Result] = {side.name: {} for side in sides}
+    for measure in measures:
+        for side in order:
+            out[side.name].update(measure(side))
+    out[ours.name].update(ours.growth(a.loop))
+    return out
 
 
 # ---- report -------------------------------------------------------------------------------
+
+KEYS = ("hop_ms", "steps_s", "branches_s", "wide_branches_s")
 
 
 def machine(url: str) -> dict[str, Any]:
@@ -335,49 +363,43 @@ def machine(url: str) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any], a: argparse.Namespace) -> None:
-    raws: dict[str, dict[str, float]] = report["raw_celery"]
-    us: dict[str, Any] = report["ours"]
+    raws: dict[str, Result] = report["raw_celery"]
+    us: Result = report["ours"]
     m = report["machine"]
     print(f"{m['nproc']} cores, Python {m['python']}, Redis {m['redis']}, "
-          f"Celery {m['celery']}; worker pools prefork -c 2"
-          + (f"; medians of {a.rounds} rounds" if a.rounds > 1 else ""))
-    heads = [f"raw pf={pf}" for pf in raws]
-    print(f"{'':40}" + "".join(f"{h:>12}" for h in heads) + f"{'ours':>12}{'ours/raw':>10}")
-    rows = [
-        (f"per-step latency, {a.steps} hops (ms)", "hop_ms"),
-        (f"steps/s, {a.runs} x 10 in flight", "steps_s"),
-        (f"branches/s, {a.chords} x {a.width}", "branches_s"),
-        (f"branches/s, {a.wide_chords} x {a.wide}", "wide_branches_s"),
-    ]
-    for label, key in rows:
+          f"Celery {m['celery']}; worker pools prefork -c 2; medians of {a.rounds} "
+          f"interleaved round(s)")
+    print(f"{'':40}" + "".join(f"{h:>12}" for h in raws) + f"{'ours':>12}{'ours/raw':>10}")
+    labels = {
+        "hop_ms": f"per-step latency, {a.steps} hops (ms)",
+        "steps_s": f"steps/s, {a.runs} x 10 in flight",
+        "branches_s": f"branches/s, {a.chords} x {a.width}",
+        "wide_branches_s": f"branches/s, {a.wide_chords} x {a.wide}",
+    }
+    for key in KEYS:
         cells = "".join(f"{r[key]:12.2f}" for r in raws.values())
         ratio = report["ratios"][key]
         low, high = report["ratio_ranges"][key]
         spread = f" ({low:.2f}-{high:.2f})" if a.rounds > 1 else ""
         note = "  lower is better" if key == "hop_ms" else ("  < 0.8x" if ratio < 0.8 else "")
-        print(f"{label:40}{cells}{us[key]:12.2f}{ratio:10.2f}{spread}{note}")
+        print(f"{labels[key]:40}{cells}{us[key]:12.2f}{ratio:10.2f}{spread}{note}")
     g = us["loop"]
     print(f"loop of {g['iterations']:.0f}: first {g['window']:.0f} iterations "
           f"{g['first_ms']:.2f} ms each, last {g['window']:.0f} {g['last_ms']:.2f} ms (last/first "
           f"{g['last_over_first']:.2f}; median {g['median_ms']:.2f} ms)")
-    print(f"ours from the run histories: {us['hop_server_ms']:.2f} ms per step, "
-          f"{us['steps_s_server']:.0f} steps/s")
+    print(f"ours from the run history: {us['hop_server_ms']:.2f} ms per step")
     for what, key in (("chain step", "cpu_ms_per_step"), ("fan-out branch", "cpu_ms_per_branch")):
-        for side, r in [*((f"raw pf={pf}", r) for pf, r in raws.items()), ("ours", us)]:
+        for side, r in [*raws.items(), ("ours", us)]:
             cpu = r[key]
             parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()
                               if k != "total" and v >= 0.005)
             print(f"CPU ms per {what:15} {side:10} {cpu['total']:5.2f} = {parts}")
 
 
-def ratios(raw: dict[str, Any], us: dict[str, Any]) -> dict[str, float]:
-    return {
-        "hop_ms": us["hop_ms"] / raw["hop_ms"],
-        "steps_s": us["steps_s"] / raw["steps_s"],
-        "branches_s": us["branches_s"] / raw["branches_s"],
-        "wide_branches_s": us["wide_branches_s"] / raw["wide_branches_s"],
-        "loop_last_over_first": us["loop"]["last_over_first"],
-    }
+def ratios(raw: Result, us: Result) -> dict[str, float]:
+    out = {key: us[key] / raw[key] for key in KEYS}
+    out["loop_last_over_first"] = us["loop"]["last_over_first"]
+    return out
 
 
 def _median(items: list[Any]) -> Any:
@@ -412,9 +434,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "as the raw worker; `orchestrator worker` defaults to INFO)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
                         help="Redis to use; its database is flushed (default DB 15)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat raw-then-ours this many times; report medians and the "
-                             "median of each round's ratio (default 1)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; report medians and the median of each "
+                             "round's ratio with its range (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     a = parser.parse_args(argv)
     if a.loop < 3 or a.steps < 1 or a.rounds < 1:
@@ -424,22 +446,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, _sigterm)
     client = redis.Redis.from_url(a.redis_url)
     report: dict[str, Any] = {"machine": machine(a.redis_url), "options": vars(a)}
-    rounds: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+    rounds: list[Result] = []
+    client.flushdb()
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp, \
+            processes(Path(tmp), dict(os.environ)) as procs:
         try:
-            for _ in range(a.rounds):
-                one: dict[str, Any] = {"raw_celery": {}}
-                for pf in prefetches:
-                    client.flushdb()
-                    one["raw_celery"][str(pf)] = raw_phase(a.redis_url, pf, a, Path(tmp))
-                client.flushdb()
-                one["ours"] = ours_phase(a.redis_url, a, Path(tmp))
-                one["ratios"] = ratios(one["raw_celery"][str(prefetches[0])], one["ours"])
-                rounds.append(one)
+            raws = [RawCelery(a.redis_url, pf, procs) for pf in prefetches]
+            ours = Ours(a.redis_url, procs, a.ours_loglevel)
+            for side in [*raws, ours]:  # consuming, both pool processes have run tasks
+                side.warm_up()
+            procs.check_alive()
+            for n in range(a.rounds):
+                by_side = one_round([*raws, ours], ours, a, flip=n % 2 == 1)
+                procs.check_alive()
+                rounds.append({"raw_celery": {r.name: by_side[r.name] for r in raws},
+                               "ours": by_side[ours.name],
+                               "ratios": ratios(by_side[raws[0].name], by_side[ours.name])})
         finally:
             client.flushdb()
-    # Medians over rounds; a ratio is the median of each round's own ratio (its two sides
-    # ran minutes apart at most, which is what makes a ratio worth more than a figure).
+    # Medians over rounds; a ratio is the median of each round's own ratio.
     report.update(_median(rounds))
     report["ratio_ranges"] = {k: [min(r["ratios"][k] for r in rounds),
                                   max(r["ratios"][k] for r in rounds)]
