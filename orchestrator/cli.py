@@ -296,7 +296,7 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
 @click.pass_obj
 def coordinator(settings: Settings, concurrency: int, loglevel: str, hostname: str,
                 celery_args: tuple[str, ...]) -> None:
-    """Run a coordinator: joins parallel branches, fires timers, recovers lost work."""
+    """Run a coordinator: fires timers, recovers lost work (lost steps, lost chord bodies)."""
     app = create_app(settings)
     app.steps["worker"].add(Sweeper)
     _publish(settings, app, hostname)
