@@ -167,9 +167,9 @@ class SendFork:
     workflow: str
     token: int
     tasks: tuple[Task, ...]
-    then: str = ""
-    then_queue: str = ""
-    then_token: int = 0
+    then: str
+    then_queue: str
+    then_token: int
 
 
 @dataclass(frozen=True)
@@ -627,8 +627,7 @@ def _join(
                              f"reducer for {key!r} failed: {type(exc).__name__}: {exc}")
             merged[key] = value
     rec.state = merged
-    top = [name for name in fork.branches if "/" not in name]
-    rec.step_results.update(_gathered(fork, top, results))
+    rec.step_results.update(_gathered(fork, fork.roots(), results))
     rec.fork = None
     _log(d, now, "joined", step=fork.step, next=fork.then)
     _schedule_step(d, fork.then, fork.then_queue, now, spec.steps[fork.then].timeout,

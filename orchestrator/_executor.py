@@ -61,16 +61,9 @@ def run_task(
             returned = _call(step_def, ctx, task.timeout)
         finally:
             notes = [{**n, "step": where} for n in agents.close_leftovers()]
-        if task.branch is not None and isinstance(returned, Next | Wait):
-            raise _BadResult(
-                f"a branch returns its output (or a nested Parallel), not "
-                f"{type(returned).__name__}")
-        if task.branch is not None and isinstance(returned, Parallel):
-            if returned.then is not None:
-                raise _BadResult(f"a branch's Parallel gathers into the branch itself: leave "
-                                 f"out then (got {returned.then!r})")
-            outcome = Outcome("parallel", "", branches=_branch_specs(returned.branches))
-        elif task.branch is not None or wf.is_imperative:
+        if task.branch is not None:
+            outcome = _branch_outcome(returned, step_def, max_payload)
+        elif wf.is_imperative:
             outcome = Outcome("goto", END, _output(returned, step_def, max_payload), True)
         else:
             outcome = _outcome(returned, step_def, wf, max_payload)
@@ -160,6 +153,19 @@ def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -
         f"returned {type(returned).__name__} {returned!r:.80}; a step returns a step name, "
         f"END, Next(step, output=...), Wait(...) or Parallel(...)"
     )
+
+
+def _branch_outcome(returned: Any, step_def: StepDef, max_payload: int) -> Outcome:
+    """A branch returns its output, or fans out again with a Parallel of no `then`."""
+    if isinstance(returned, Next | Wait):
+        raise _BadResult(f"a branch returns its output (or a nested Parallel), not "
+                         f"{type(returned).__name__}")
+    if isinstance(returned, Parallel):
+        if returned.then is not None:
+            raise _BadResult(f"a branch's Parallel gathers into the branch itself: leave "
+                             f"out then (got {returned.then!r})")
+        return Outcome("parallel", "", branches=_branch_specs(returned.branches))
+    return Outcome("goto", END, _output(returned, step_def, max_payload), True)
 
 
 def _branch_specs(branches: Sequence[Branch]) -> tuple[BranchSpec, ...]:

@@ -110,6 +110,10 @@ class Fork(BaseModel):
         """The branches that run (a nested fan-out's own entry runs no more)."""
         return {name: b for name, b in self.branches.items() if b.is_leaf}
 
+    def roots(self) -> list[str]:
+        """The branches the forking step named, in its order (nested ones hang below)."""
+        return [name for name in self.branches if "/" not in name]
+
     def in_tree_order(self) -> list[str]:
         """Every branch name, each nested fan-out's children right after their branch."""
         names: list[str] = []
@@ -119,7 +123,7 @@ class Fork(BaseModel):
                 names.append(name)
                 visit(self.branches[name].children or [])
 
-        visit([name for name in self.branches if "/" not in name])
+        visit(self.roots())
         return names
 
     def complete(self, results: dict[str, BranchResult]) -> bool:

@@ -192,7 +192,7 @@ class Runtime:
         saves the hop a join on the coordinator would cost."""
         wf = self.workflow(workflow)
         store = self.store_for(wf.persistence_options.key_prefix)
-        if join is not None and not self._join_into(wf, store, run_id, join, token):
+        if join is not None and not self._join_into(wf.name, run_id, join, token):
             return "skipped"
         lease_id = f"{token}" if branch is None else f"{token}:{branch}"
         began = store.begin_task(run_id, lease_id, self.settings.lease_ttl)
@@ -236,19 +236,18 @@ class Runtime:
         a failure goes through the engine (retry, or fail the run and revoke the rest)."""
         assert rec.fork is not None and task.branch is not None
         run_id, token, branch = rec.run_id, task.token, task.branch
-        if isinstance(event, engine.StepDone) and event.outcome.kind == "parallel":
-            nested = event  # the branch fans out again: that changes the fork itself
-            d = self.apply(store, run_id, lambda r, now: dataclasses.replace(nested, now=now),
-                           self._specs[wf.name], release=lease_id)
-            return "ignored" if d.ignored else "done"
-        if isinstance(event, engine.StepFailed):
-            if branch in store.branch_results(run_id, token):
-                store.note(run_id, {"at": finished, "event": "ignored", "what": "StepFailed",
-                                    "token": lease_id, "reason": "branch already succeeded"},
-                           lease_id)
-                return "ignored"
-            failed = dataclasses.replace(event, attempt=task.attempt)
-            d = self.apply(store, run_id, lambda r, now: dataclasses.replace(failed, now=now),
+        if isinstance(event, engine.StepFailed) and branch in store.branch_results(run_id,
+                                                                                    token):
+            store.note(run_id, {"at": finished, "event": "ignored", "what": "StepFailed",
+                                "token": lease_id, "reason": "branch already succeeded"},
+                       lease_id)
+            return "ignored"
+        if isinstance(event, engine.StepFailed) or event.outcome.kind == "parallel":
+            # A failure (retry, or fail the run) or a branch fanning out again changes the
+            # fork itself: that goes through the engine.
+            changed: engine.Event = (dataclasses.replace(event, attempt=task.attempt)
+                                     if isinstance(event, engine.StepFailed) else event)
+            d = self.apply(store, run_id, lambda r, now: dataclasses.replace(changed, now=now),
                            self._specs[wf.name], release=lease_id)
             return "ignored" if d.ignored else "done"
         result = BranchResult(output=event.outcome.output, state_patch=event.state_patch,
@@ -271,26 +270,23 @@ class Runtime:
             self.join(wf.name, run_id, token)
         return "done"
 
-    def join(self, workflow: str, run_id: str, token: int) -> None:
+    def join(self, workflow: str, run_id: str, token: int,
+             run_here: Callable[[engine.Command], bool] | None = None) -> engine.Decision:
         wf = self.workflow(workflow)
         store = self.store_for(wf.persistence_options.key_prefix)
         results = store.branch_results(run_id, token)
-        self.apply(store, run_id, lambda r, now: engine.Join(token, now, results),
-                   self._specs[wf.name])
+        return self.apply(store, run_id, lambda r, now: engine.Join(token, now, results),
+                          self._specs[wf.name], run_here=run_here)
 
-    def _join_into(self, wf: Workflow, store: RunStore, run_id: str, token: int,
-                   then_token: int) -> bool:
+    def _join_into(self, workflow: str, run_id: str, token: int, then_token: int) -> bool:
         """Join fork `token`; True if that dispatched task `then_token`, which the caller
         then runs instead of sending it. A join that finds the fork still open (a branch
         retried or fanned out again) or already closed changes nothing."""
-        results = store.branch_results(run_id, token)
 
         def is_then(cmd: engine.Command) -> bool:
             return isinstance(cmd, engine.SendTask) and cmd.task.token == then_token
 
-        d = self.apply(store, run_id, lambda r, now: engine.Join(token, now, results),
-                       self._specs[wf.name], run_here=is_then)
-        return any(is_then(c) for c in d.commands)
+        return any(is_then(c) for c in self.join(workflow, run_id, token, is_then).commands)
 
     # ---- timers and recovery -----------------------------------------------------------
 
