@@ -24,7 +24,7 @@ from ._definition import (
 from ._engine import ControlError
 from ._records import RunError, RunRecord, RunResult, RunStatus
 from ._reducers import reducer
-from ._runner import RunHandle, WorkflowRunner, local_runtime
+from ._runner import RunFailed, RunHandle, WorkflowRunner, local_runtime
 from ._runtime import RunNotFound, UnknownWorkflow
 from ._steward import CatalogEntry, Steward
 from ._stores import MemoryStore, RedisStore, RunStore, StoreUnavailable
@@ -50,6 +50,7 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "RunError",
+    "RunFailed",
     "Settings",
     "create_app",
     "local_runtime",

@@ -22,6 +22,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     broker_url: str | None = None  # defaults to redis_url
     workflows: tuple[str, ...] = ("workers",)
+    key_prefix: str = "orchestrator:"  # cluster-wide keys (the catalog); runs use their own
     lease_ttl: float = 30.0
     redispatch_after: float = 60.0
     join_after: float = 5.0

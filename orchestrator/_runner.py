@@ -87,6 +87,15 @@ class WorkflowRunner:
         return self.runtime.sweep(self.store)
 
 
+class RunFailed(RuntimeError):
+    """A run ended failed or stopped; `.result` holds its RunResult (error included)."""
+
+    def __init__(self, result: RunResult) -> None:
+        detail = f": {result.error}" if result.error else ""
+        super().__init__(f"run {result.run_id} {result.status.value}{detail}")
+        self.result = result
+
+
 class RunHandle:
     def __init__(self, run_id: str, runtime: Runtime, store: RunStore) -> None:
         self.run_id = run_id
@@ -114,16 +123,23 @@ class RunHandle:
     def history(self, start: int = 0) -> list[dict[str, Any]]:
         return self._store.history(self.run_id, start)
 
-    def result(self, timeout: float | None = None, poll: float = 0.02) -> RunResult:
-        """Wait until the run has completed, failed or stopped. TimeoutError if not by then."""
+    def result(self, timeout: float | None = None, poll: float = 0.02, *,
+               raise_on_failure: bool = False) -> RunResult:
+        """Wait until the run has completed, failed or stopped. TimeoutError if not by then.
+
+        With `raise_on_failure=True` a run that failed or was stopped raises `RunFailed`
+        (carrying the result) instead of returning it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = poll
         while True:
             rec = self.record()
             if rec.status.is_terminal:
-                return RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
-                                 step_results=rec.step_results, output=rec.output,
-                                 error=rec.error)
+                result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
+                                   step_results=rec.step_results, output=rec.output,
+                                   error=rec.error)
+                if raise_on_failure and result.status is not RunStatus.COMPLETED:
+                    raise RunFailed(result)
+                return result
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"run {self.run_id} is still {rec.status.value} after {timeout}s")

@@ -163,7 +163,7 @@ def test_agents_left_open_are_closed_and_reported() -> None:
 PUBLIC = [
     "END", "START", "DefinitionError", "HumanApproval", "Next", "Parallel", "StepOptions",
     "Wait", "Workflow", "reducer", "step", "EchoAgent", "WorkflowRunner", "RunHandle",
-    "RunResult", "RunRecord", "RunStatus", "RunError", "Settings", "create_app",
+    "RunResult", "RunRecord", "RunStatus", "RunError", "RunFailed", "Settings", "create_app",
     "local_runtime", "Steward", "CatalogEntry", "Client", "RunStore", "MemoryStore",
     "RedisStore", "ControlError", "InvalidInput", "RunNotFound", "StoreUnavailable",
     "UnknownWorkflow",

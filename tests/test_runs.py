@@ -221,3 +221,18 @@ def test_a_sweep_leaves_runs_of_workflows_it_does_not_host_to_who_does(redis_url
     assert store.redis.zscore("orchestrator:due", run_id) == due_before
     assert hosting.sweep(store) == 1
     assert [c.task.attempt for c in host.sent] == [1, 2]  # the start, then the re-send
+
+
+def test_result_raises_run_failed_when_asked() -> None:
+    from orchestrator import RunFailed
+
+    def boom(ctx: object) -> str:
+        raise RuntimeError("kaput")
+
+    wf = Workflow("Boom", "fails").flow({START: boom})
+    handle = WorkflowRunner(wf).run({})
+    assert handle.result(timeout=30).status is RunStatus.FAILED  # the default returns it
+    with pytest.raises(RunFailed, match="kaput") as caught:
+        handle.result(timeout=30, raise_on_failure=True)
+    error = caught.value.result.error
+    assert error is not None and error.type == "RuntimeError"
