@@ -6,7 +6,7 @@ Everything public is exported here; modules starting with `_` are internal.
 """
 
 from ._agents import EchoAgent
-from ._celery import create_app
+from ._celery import OrchestratorApp, create_app
 from ._client import Client, InvalidInput
 from ._config import Settings
 from ._definition import (
@@ -15,6 +15,7 @@ from ._definition import (
     DefinitionError,
     HumanApproval,
     Next,
+    NonRetryable,
     Parallel,
     StepOptions,
     Wait,
@@ -22,7 +23,8 @@ from ._definition import (
     step,
 )
 from ._engine import ControlError
-from ._records import RunError, RunRecord, RunResult, RunStatus
+from ._middleware import Middleware
+from ._records import RunError, RunRecord, RunResult, RunStatus, StepPolicy
 from ._reducers import reducer
 from ._runner import RunFailed, RunHandle, WorkflowRunner, local_runtime
 from ._runtime import RunNotFound, UnknownWorkflow
@@ -36,8 +38,10 @@ __all__ = [
     "DefinitionError",
     "HumanApproval",
     "Next",
+    "NonRetryable",
     "Parallel",
     "StepOptions",
+    "StepPolicy",
     "Wait",
     "Workflow",
     "reducer",
@@ -53,6 +57,8 @@ __all__ = [
     "RunFailed",
     "Settings",
     "create_app",
+    "OrchestratorApp",
+    "Middleware",
     "local_runtime",
     # discovery and apps
     "Steward",

@@ -1,6 +1,7 @@
 """The Celery app: our settings, one task per step and per branch, the coordinator's sweeper.
 
-Pass the app explicitly (no current-app magic): `create_app(settings, workflows)`.
+Pass the app explicitly (no current-app magic): `create_app(settings, workflows)` returns
+an `OrchestratorApp`, a Celery app that owns the runtime its tasks run in.
 """
 
 from __future__ import annotations
@@ -12,16 +13,57 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
-from celery import Celery, bootsteps, signals
+from celery import Celery, bootsteps
 
 from . import _logging
 from ._config import Settings, celery_config
 from ._definition import Workflow
 from ._dispatch.base import branch_task_name, step_task_name
 from ._dispatch.celery import CeleryDispatcher
+from ._middleware import Middleware
+from ._records import RunError
 from ._runtime import Runtime
 
 log = logging.getLogger("orchestrator.celery")
+
+
+class StepFailed(Exception):
+    """Raised from a step's Celery task after the step's failure is committed, so Flower
+    and Celery's events show it as FAILURE, with the error. Late acknowledgement acks a
+    task that raised (task_acks_on_failure_or_timeout): it is not redelivered."""
+
+    def __init__(self, error: RunError) -> None:
+        super().__init__(str(error))
+
+
+class OrchestratorApp(Celery):
+    """A Celery app that hosts workflows: its tasks run steps in `runtime`."""
+
+    runtime: Runtime
+
+    def host(self, wf: Workflow) -> None:
+        """Register `wf` and its step tasks."""
+        self.runtime.register(wf)
+        for step in wf.step_names():
+            self._task(step_task_name(wf.name, step), wf.name)
+        self._task(branch_task_name(wf.name), wf.name)
+
+    def _task(self, name: str, workflow: str) -> None:
+        if name in self.tasks:
+            return
+        runtime = self.runtime
+
+        def run(run_id: str, token: int, branch: str | None = None, join: int | None = None,
+                attempt: int = 1) -> str:
+            outcome = runtime.execute(workflow, run_id, token, branch, join, attempt)
+            # A failed branch that will be retried still counts toward its chord (the
+            # retry joins by itself), so only failures that end the attempt for good and
+            # failed steps are shown as FAILURE.
+            if outcome.error is not None and (branch is None or outcome.status == "failed"):
+                raise StepFailed(outcome.error)
+            return outcome.status
+
+        self.task(name=name, ignore_result=True, shared=False)(run)
 
 
 def create_app(
@@ -29,56 +71,21 @@ def create_app(
     workflows: Iterable[Workflow] = (),
     *,
     import_modules: bool = True,
-) -> Celery:
+    middleware: Iterable[Middleware] = (),
+) -> OrchestratorApp:
     """A Celery app hosting `workflows` plus every workflow found in `settings.workflows`."""
     settings = settings or Settings.from_env()
-    app = Celery("orchestrator", set_as_current=False)
+    app = OrchestratorApp("orchestrator", set_as_current=False)
     app.conf.update(celery_config(settings))
-    runtime = Runtime(CeleryDispatcher(app), settings)
-    app.orchestrator = runtime  # type: ignore[attr-defined]
+    app.runtime = Runtime(CeleryDispatcher(app), settings, middleware=middleware)
+    app.steps["worker"].add(RunContextLogs)
     found = list(workflows)
     if import_modules:
         for module in settings.workflows:
             found += find_workflows(importlib.import_module(module))
     for wf in found:
-        host(app, wf)
-
-    _log_with_run_context(settings.log_format)
-
+        app.host(wf)
     return app
-
-
-def _log_with_run_context(fmt: str) -> None:
-    def install_on(logger: logging.Logger, **kwargs: Any) -> None:
-        _logging.install(logger, fmt)
-
-    signals.after_setup_logger.connect(install_on, weak=False)
-    signals.after_setup_task_logger.connect(install_on, weak=False)
-
-
-def runtime_of(app: Celery) -> Runtime:
-    runtime: Runtime = app.orchestrator  # type: ignore[attr-defined]
-    return runtime
-
-
-def host(app: Celery, wf: Workflow) -> None:
-    """Register `wf` and its step tasks on `app`."""
-    runtime = runtime_of(app)
-    runtime.register(wf)
-    for step in wf.step_names():
-        name = step_task_name(wf.name, step)
-        if name not in app.tasks:
-            app.task(name=name, ignore_result=True, shared=False)(_step_body(runtime, wf.name))
-    name = branch_task_name(wf.name)
-    if name not in app.tasks:
-        app.task(name=name, ignore_result=True, shared=False)(_step_body(runtime, wf.name))
-
-
-def _step_body(runtime: Runtime, workflow: str) -> Any:
-    def run(run_id: str, token: int, branch: str | None = None, join: int | None = None) -> str:
-        return runtime.execute(workflow, run_id, token, branch, join)
-
-    return run
 
 
 def find_workflows(module: ModuleType) -> list[Workflow]:
@@ -93,6 +100,16 @@ def find_workflows(module: ModuleType) -> list[Workflow]:
     return found
 
 
+class RunContextLogs(bootsteps.StartStopStep):
+    """Worker logs carry the run id and step, as text or JSON lines. Installed when the
+    worker starts (its logging is set up by then), and inherited by pool children."""
+
+    def start(self, worker: Any) -> None:
+        fmt = worker.app.runtime.settings.log_format
+        for name in ("", "celery", "celery.task"):
+            _logging.install(logging.getLogger(name), fmt)
+
+
 class Sweeper(bootsteps.StartStopStep):
     """Coordinator duty: fire due timers and re-drive lost work, every sweep_interval."""
 
@@ -100,10 +117,9 @@ class Sweeper(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        runtime = runtime_of(worker.app)
+        runtime: Runtime = worker.app.runtime
         interval = runtime.settings.sweep_interval
 
         def loop() -> None:
@@ -113,8 +129,7 @@ class Sweeper(bootsteps.StartStopStep):
                 except Exception:
                     log.exception("sweep failed")
 
-        self._thread = threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True)
-        self._thread.start()
+        threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True).start()
 
     def stop(self, worker: Any) -> None:
         self._stop.set()

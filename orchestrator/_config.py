@@ -11,8 +11,9 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from ._records import DEFAULT_QUEUE
+
 COORDINATOR_QUEUE = "orchestrator.coordinator"
-DEFAULT_QUEUE = "orchestrator.steps"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,18 @@ class Settings:
     max_payload: int = 1024 * 1024
     log_format: str = "text"  # or "json": one JSON object a line
     task_events: bool = False  # send task events from the start, not only while Flower runs
+
+    def __post_init__(self) -> None:
+        positive = ("lease_ttl", "redispatch_after", "join_after", "sweep_interval",
+                    "sweep_batch", "visibility_timeout", "result_expires", "retain_seconds",
+                    "max_payload")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ORCHESTRATOR_{name.upper()} must be positive, "
+                                 f"got {getattr(self, name)!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"ORCHESTRATOR_LOG_FORMAT must be 'text' or 'json', "
+                             f"got {self.log_format!r}")
 
     @property
     def broker(self) -> str:

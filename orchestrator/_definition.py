@@ -17,13 +17,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from ._records import StepPolicy
 
 __all__ = [
     "END",
     "START",
     "HumanApproval",
     "Next",
+    "NonRetryable",
     "Parallel",
     "StepOptions",
     "Wait",
@@ -34,34 +37,34 @@ __all__ = [
 START = "__start__"
 END = "__end__"
 
-DEFAULT_QUEUE = "orchestrator.steps"
-
-
 class DefinitionError(ValueError):
     """A workflow definition is malformed; raised when it is built, never at run time."""
 
 
+class NonRetryable(Exception):
+    """Raise it (or a subclass) from a step to fail it at once, whatever its retries."""
+
+    non_retryable = True
+
+
 @dataclass(frozen=True)
 class StepOptions:
-    """Per-step execution options. Defaults suit a quick, idempotent step."""
+    """A step's policy (how it runs and retries) and the model of its output."""
 
-    queue: str = DEFAULT_QUEUE
-    retries: int = 0
-    backoff: float = 1.0
-    backoff_factor: float = 2.0
-    max_backoff: float = 300.0
-    timeout: float | None = None
+    policy: StepPolicy = field(default_factory=StepPolicy)
     output: type[BaseModel] | None = None
 
-    def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise DefinitionError("retries must be >= 0")
-        if self.backoff < 0 or self.backoff_factor < 1 or self.max_backoff < 0:
-            raise DefinitionError("backoff must be >= 0 and backoff_factor >= 1")
-        if self.timeout is not None and self.timeout <= 0:
-            raise DefinitionError("timeout must be positive")
-        if not self.queue:
-            raise DefinitionError("queue must be a non-empty string")
+
+def policy_of(**fields: Any) -> StepPolicy:
+    """A StepPolicy from `@step(...)` keywords, with definition errors that name them."""
+    if "queue" in fields and not fields["queue"]:
+        raise DefinitionError("queue must be a non-empty string")
+    try:
+        return StepPolicy(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors())
+        raise DefinitionError(f"invalid step policy: {problems}") from None
 
 
 StepFn = Callable[..., Any]
@@ -85,16 +88,16 @@ class StepDef:
 def step(
     fn: StepFn | None = None,
     *,
-    queue: str = DEFAULT_QUEUE,
-    retries: int = 0,
-    backoff: float = 1.0,
-    backoff_factor: float = 2.0,
-    max_backoff: float = 300.0,
-    timeout: float | None = None,
     output: type[BaseModel] | None = None,
+    policy: StepPolicy | None = None,
+    **policy_fields: Any,
 ) -> Any:
-    """Attach options to a step: `@step(queue="builds", retries=3, timeout=60)`."""
-    options = StepOptions(queue, retries, backoff, backoff_factor, max_backoff, timeout, output)
+    """Attach a policy to a step: `@step(queue="builds", retries=3, timeout=60)`, any
+    field of StepPolicy (queue, retries, backoff, backoff_factor, max_backoff, jitter,
+    timeout, retry_on), or a whole `policy=StepPolicy(...)`; `output=` a model."""
+    if policy is not None and policy_fields:
+        raise DefinitionError("give either policy= or its fields, not both")
+    options = StepOptions(policy or policy_of(**policy_fields), output)
 
     def wrap(f: StepFn) -> StepDef:
         if isinstance(f, StepDef):
@@ -279,9 +282,17 @@ class _Empty(BaseModel):
 
 @dataclass(frozen=True)
 class Persistence:
+    """Where runs keep their state. `store=None` is the mode's own: memory embedded,
+    Redis on a cluster. `store="redis"` keeps even an embedded run in Redis (it survives
+    the process); `store="memory"` or `enabled=False` can only run embedded."""
+
     enabled: bool = True
-    store: Literal["redis", "memory"] = "redis"
+    store: Literal["redis", "memory"] | None = None
     key_prefix: str = "orchestrator:"
+
+    @property
+    def in_memory(self) -> bool:
+        return not self.enabled or self.store == "memory"
 
 
 @dataclass(frozen=True)
@@ -339,10 +350,10 @@ class Workflow:
         return dataclasses.replace(self, executor=as_step(fn, "execute"))
 
     def persistence(
-        self, enabled: bool = True, store: Literal["redis", "memory"] = "redis",
+        self, enabled: bool = True, store: Literal["redis", "memory"] | None = None,
         key_prefix: str = "orchestrator:",
     ) -> Workflow:
-        if store not in ("redis", "memory"):
+        if store not in ("redis", "memory", None):
             raise DefinitionError(f"unknown store {store!r}: use 'redis' or 'memory'")
         options = Persistence(enabled, store, key_prefix)
         return dataclasses.replace(self, persistence_options=options)
@@ -372,7 +383,7 @@ class Workflow:
         return [START] if self.executor is not None else list(self.steps)
 
     def queues(self) -> dict[str, str]:
-        return {name: self.step_def(name).options.queue for name in self.step_names()}
+        return {name: self.step_def(name).options.policy.queue for name in self.step_names()}
 
     @functools.cached_property
     def version(self) -> str:

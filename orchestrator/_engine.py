@@ -8,8 +8,8 @@ the commands after committing the new record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ._records import (
     Approval,
@@ -21,7 +21,7 @@ from ._records import (
     RunError,
     RunRecord,
     RunStatus,
-    StepSpec,
+    StepPolicy,
     Task,
 )
 
@@ -52,25 +52,40 @@ class GateSpec:
 class BranchSpec:
     name: str
     ref: str
-    queue: str
-    timeout: float | None = None
-    retries: int = 0
-    backoff: float = 1.0
+    policy: StepPolicy = field(default_factory=StepPolicy)
     item: Any = None
     has_item: bool = False
     children: tuple[BranchSpec, ...] = ()  # a nested fan-out, flattened into the fork
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """A step's transition, already reduced to data by the executor."""
+# ---- what a step did, reduced to data by the executor ----------------------------------
 
-    kind: Literal["goto", "wait", "parallel"]
-    target: str = END
+
+@dataclass(frozen=True)
+class GoTo:
+    """Continue at `target` (END finishes the run); `output` is the step's result."""
+
+    target: str
     output: Any = None
     has_output: bool = False
-    gate: GateSpec | None = None
-    branches: tuple[BranchSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class WaitFor:
+    """Park the run at a gate."""
+
+    gate: GateSpec
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Run `branches` in parallel, gathered at `then` (a branch's nested fan-out: None)."""
+
+    branches: tuple[BranchSpec, ...]
+    then: str | None = None
+
+
+Outcome = GoTo | WaitFor | FanOut
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,7 @@ class Tick:
     join_after: float = 5.0
     force_after: float = 3600.0  # resend even behind a backlog after this long
     branch_results: dict[str, BranchResult] = field(default_factory=dict)
+    queued: frozenset[str] = frozenset()  # leases whose message still waits in its queue
 
 
 Event = StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
@@ -161,20 +177,21 @@ class SendTask:
 @dataclass(frozen=True)
 class SendFork:
     """Send the branches as one chord whose body joins fork `token` and, if that join is
-    the one that closes the fork, runs `then` (as task `then_token`) where it joined."""
+    the one that closes the fork, runs task `then` (the step after it) where it joined."""
 
     run_id: str
     workflow: str
     token: int
     tasks: tuple[Task, ...]
-    then: str
-    then_queue: str
-    then_token: int
+    then: Task
 
 
 @dataclass(frozen=True)
 class Revoke:
-    task_ids: tuple[str, ...]
+    """Withdraw tasks in flight (a stop, or the siblings of a branch that failed the run)."""
+
+    run_id: str
+    tasks: tuple[Task, ...]
 
 
 Command = SendTask | SendFork | Revoke
@@ -270,6 +287,54 @@ def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
             and rec.fork.branches[branch].is_leaf)
 
 
+@dataclass(frozen=True)
+class KeepBranch:
+    """A branch succeeded: keep its result beside the record (siblings finishing at once do
+    not contend for the record). Once `width` results are kept, the fork is complete; if
+    `joins` is set this branch must then join it itself: a retried or re-sent branch was
+    not in the chord that was sent, whose join has come and gone."""
+
+    result: BranchResult
+    entry: dict[str, Any]
+    width: int
+    joins: bool
+
+
+@dataclass(frozen=True)
+class ApplyToRun:
+    """A branch failed or fanned out again: that changes the fork, through `apply`."""
+
+    event: StepDone | StepFailed
+
+
+@dataclass(frozen=True)
+class IgnoreBranch:
+    reason: str
+
+
+BranchVerdict = KeepBranch | ApplyToRun | IgnoreBranch
+
+
+def settle_branch(rec: RunRecord, ev: StepDone | StepFailed, succeeded: bool) -> BranchVerdict:
+    """What a finished branch task does. `succeeded`: the branch has a result kept already
+    (the caller looks only when `ev` is a failure)."""
+    if ev.branch is None or rec.fork is None or not expects(rec, ev.token, ev.branch):
+        return IgnoreBranch("fork closed or branch not expected")
+    task = rec.fork.branches[ev.branch].task
+    if isinstance(ev, StepFailed):
+        if succeeded:
+            return IgnoreBranch("branch already succeeded")
+        return ApplyToRun(replace(ev, attempt=task.attempt))
+    if isinstance(ev.outcome, FanOut):
+        return ApplyToRun(ev)
+    assert isinstance(ev.outcome, GoTo)
+    result = BranchResult(output=ev.outcome.output, state_patch=ev.state_patch,
+                          finished_at=ev.now, attempt=task.attempt)
+    entry = {"at": ev.now, "event": "branch_completed", "step": rec.fork.step,
+             "branch": ev.branch}
+    return KeepBranch(result, entry, len(rec.fork.leaves()), joins=task.attempt > 1)
+
+
 # ---- handlers -------------------------------------------------------------------------
 
 
@@ -277,9 +342,9 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
     if not expects(rec, ev.token, ev.branch):
         return _ignore(f"stale completion for token {ev.token}")
     if ev.branch is not None:
-        if ev.outcome.kind != "parallel":
+        if not isinstance(ev.outcome, FanOut):
             raise ValueError("branch results are recorded beside the run, not applied to it")
-        return _expand(Decision(rec), ev.branch, ev)
+        return _expand(Decision(rec), ev.branch, ev.outcome, ev)
     assert rec.task is not None
     spec = _need(spec)
     step = rec.task.step
@@ -287,10 +352,10 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
     rec.task = None
     rec.state = {**rec.state, **ev.state_patch}
     out = ev.outcome
-    if out.has_output:
+    if isinstance(out, GoTo) and out.has_output:
         rec.step_results[step] = out.output
     _log(d, ev.now, "step_completed", step=step, next=_label(out))
-    if out.kind == "goto":
+    if isinstance(out, GoTo):
         if out.target == END:
             rec.status, rec.output, rec.current_step = RunStatus.COMPLETED, out.output, None
             _log(d, ev.now, "completed")
@@ -300,8 +365,7 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
                          f"step {step!r} returned {out.target!r}, which is not a step; "
                          f"valid: {_choices(spec)}")
         _goto(d, spec, out.target, ev.now)
-    elif out.kind == "wait":
-        assert out.gate is not None
+    elif isinstance(out, WaitFor):
         bad = [t for t in (out.gate.then, out.gate.on_reject, out.gate.on_timeout)
                if t is not None and t not in spec.steps]
         if bad:
@@ -310,11 +374,11 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
                          f"valid: {_choices(spec)}")
         _open_gate(d, spec, step, out.gate, ev.now)
     else:
-        if out.target not in spec.steps:
+        if out.then not in spec.steps:
             return _fail(d, ev.now, step, "UnknownStep",
-                         f"step {step!r} gathers at {out.target!r}, which is not a step; "
+                         f"step {step!r} gathers at {out.then!r}, which is not a step; "
                          f"valid: {_choices(spec)}")
-        _fork(d, spec, step, out, ev.now)
+        _fork(d, spec, step, out.then, out.branches, ev.now)
     return d
 
 
@@ -326,10 +390,9 @@ def _on_step_failed(rec: RunRecord, ev: StepFailed, spec: FlowSpec | None) -> De
     assert task is not None
     if ev.attempt and ev.attempt != task.attempt:
         return _ignore(f"failure of attempt {ev.attempt}, now at attempt {task.attempt}")
-    where = task.step if ev.branch is None else f"{task.step}[{ev.branch}]"
-    options = _step_options(spec, task)
-    if ev.retryable and options is not None and task.attempt <= options.retries:
-        delay = options.delay_before(task.attempt + 1)
+    where = task.where
+    if ev.retryable and task.attempt <= task.policy.retries:
+        delay = task.policy.delay_before(task.attempt + 1, f"{rec.run_id}:{task.lease_id}")
         retry = task.model_copy(update={
             "attempt": task.attempt + 1, "due_at": ev.now + delay, "dispatched_at": None,
         })
@@ -383,7 +446,7 @@ def _on_stop(rec: RunRecord, ev: Stop, spec: FlowSpec | None) -> Decision:
     d = Decision(rec)
     live = live_tasks(rec)
     if live:
-        d.commands.append(Revoke(tuple(celery_task_id(rec.run_id, t) for t in live)))
+        d.commands.append(Revoke(rec.run_id, tuple(t.model_copy() for t in live)))
     rec.status, rec.task, rec.fork, rec.gate = RunStatus.STOPPED, None, None, None
     _log(d, ev.now, "stopped", reason=ev.reason)
     return d
@@ -405,7 +468,7 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
         if gate.on_reject is None:
             return _fail(d, ev.now, gate.step, "GateRejected",
                          f"rejected by {ev.by}: {ev.comment or 'no reason given'}")
-        _schedule_step(d, gate.on_reject, gate.on_reject_queue or "", ev.now)
+        _schedule_step(d, gate.on_reject, gate.policies[gate.on_reject], ev.now)
         return d
     if any(a.by == ev.by for a in gate.approvals):
         return _ignore(f"{ev.by} already approved")
@@ -415,7 +478,7 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
     if len(gate.approvals) >= gate.min_approvals:
         rec.gate = None
         rec.step_results[gate.step] = _decision_result(gate, "approved", ev)
-        _schedule_step(d, gate.then, gate.then_queue, ev.now)
+        _schedule_step(d, gate.then, gate.policies[gate.then], ev.now)
     return d
 
 
@@ -439,7 +502,7 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
         if gate.on_timeout is None:
             return _fail(d, ev.now, gate.step, "GateTimeout",
                          f"no decision at {gate.step!r} before its timeout")
-        _schedule_step(d, gate.on_timeout, gate.on_timeout_queue or "", ev.now)
+        _schedule_step(d, gate.on_timeout, gate.policies[gate.on_timeout], ev.now)
     if rec.task is not None:
         _revive(d, rec.task, ev)
     if rec.fork is not None:
@@ -476,6 +539,8 @@ def _revive(d: Decision, task: Task, ev: Tick) -> None:
     age = ev.now - task.dispatched_at
     if task.lease_id in ev.live_tasks or age < ev.redispatch_after:
         return
+    if task.lease_id in ev.queued:  # waiting behind others, not lost
+        return
     # Behind a backlog the message is most likely still queued: resending it would only
     # add duplicates. A lost one shows once its queue drains (or after force_after).
     if task.queue in ev.busy_queues and age < ev.force_after:
@@ -495,17 +560,15 @@ def _goto(d: Decision, spec: FlowSpec, step: str, now: float) -> None:
     while route is not None and route != END and route in spec.steps:
         _log(d, now, "routed", step=step, next=route)
         step, route = route, spec.steps[route].route
-    _schedule_step(d, step, spec.steps[step].queue, now, spec.steps[step].timeout)
+    _schedule_step(d, step, spec.steps[step].policy, now)
 
 
 def _schedule_step(
-    d: Decision, step: str, queue: str, now: float, timeout: float | None = None,
-    token: int | None = None,
+    d: Decision, step: str, policy: StepPolicy, now: float, token: int | None = None
 ) -> None:
     rec = _rec(d)
     rec.current_step = step
-    rec.task = Task(step=step, token=token or _next_token(rec), queue=queue, timeout=timeout,
-                    due_at=now)
+    rec.task = Task(step=step, token=token or _next_token(rec), policy=policy, due_at=now)
     _dispatch_if_due(d, rec.task, now)
 
 
@@ -522,27 +585,26 @@ def _open_gate(d: Decision, spec: FlowSpec, step: str, g: GateSpec, now: float) 
     rec.current_step = step
     rec.gate = Gate(
         step=step, token=_next_token(rec), approvers=list(g.approvers),
-        min_approvals=g.min_approvals, then=g.then, then_queue=spec.steps[g.then].queue,
-        on_reject=g.on_reject,
-        on_reject_queue=spec.steps[g.on_reject].queue if g.on_reject else None,
+        min_approvals=g.min_approvals, then=g.then, on_reject=g.on_reject,
         on_timeout=g.on_timeout,
-        on_timeout_queue=spec.steps[g.on_timeout].queue if g.on_timeout else None,
+        policies={t: spec.steps[t].policy for t in (g.then, g.on_reject, g.on_timeout) if t},
         timeout_at=now + g.timeout if g.timeout else None,
         prompt=g.prompt, payload=dict(g.payload), opened_at=now,
     )
     _log(d, now, "gate_opened", step=step, approvers=list(g.approvers))
 
 
-def _fork(d: Decision, spec: FlowSpec, step: str, out: Outcome, now: float) -> None:
+def _fork(d: Decision, spec: FlowSpec, step: str, then: str, branches: tuple[BranchSpec, ...],
+          now: float) -> None:
     rec = _rec(d)
     token = _next_token(rec)
     rec.current_step = step
     rec.fork = Fork(
-        step=step, token=token, then=out.target, then_queue=spec.steps[out.target].queue,
+        step=step, token=token, then=then, then_policy=spec.steps[then].policy,
         then_token=_next_token(rec), base_state=dict(rec.state), branches={},
     )
-    _add_branches(rec.fork, out.branches, "", now)
-    _log(d, now, "forked", step=step, branches=[b.name for b in out.branches])
+    _add_branches(rec.fork, branches, "", now)
+    _log(d, now, "forked", step=step, branches=[b.name for b in branches])
     _send_fork(d, now)
 
 
@@ -553,23 +615,22 @@ def _add_branches(fork: Fork, specs: tuple[BranchSpec, ...], parent: str, now: f
     for b in specs:
         name = f"{parent}/{b.name}" if parent else b.name
         fork.branches[name] = BranchState(task=Task(
-            step=fork.step, token=fork.token, queue=b.queue, branch=name, ref=b.ref,
-            item=b.item, has_item=b.has_item, timeout=b.timeout, retries=b.retries,
-            backoff=b.backoff, due_at=now))
+            step=fork.step, token=fork.token, policy=b.policy, branch=name, ref=b.ref,
+            item=b.item, has_item=b.has_item, due_at=now))
         if b.children:
             fork.branches[name].children = _add_branches(fork, b.children, name, now)
         names.append(name)
     return names
 
 
-def _expand(d: Decision, branch: str, ev: StepDone) -> Decision:
+def _expand(d: Decision, branch: str, out: FanOut, ev: StepDone) -> Decision:
     """A branch fanned out again: its children join the same fork, sent as their own
     chord; the branch's output is gathered from theirs at the fork's join."""
     rec = _rec(d)
     fork = rec.fork
     assert fork is not None
     parent = fork.branches[branch]
-    parent.children = _add_branches(fork, ev.outcome.branches, branch, ev.now)
+    parent.children = _add_branches(fork, out.branches, branch, ev.now)
     parent.state_patch = dict(ev.state_patch)
     _log(d, ev.now, "branch_forked", step=fork.step, branch=branch, branches=parent.children)
     _send_fork(d, ev.now)
@@ -587,9 +648,10 @@ def _send_fork(d: Decision, now: float) -> None:
         return
     for t in pending:
         t.dispatched_at = now
+    then = Task(step=fork.then, token=fork.then_token, policy=fork.then_policy, due_at=now,
+                dispatched_at=now)
     d.commands.append(SendFork(rec.run_id, rec.workflow, fork.token,
-                               tuple(t.model_copy() for t in pending), fork.then,
-                               fork.then_queue, fork.then_token))
+                               tuple(t.model_copy() for t in pending), then))
 
 
 def _join(
@@ -630,8 +692,7 @@ def _join(
     rec.step_results.update(_gathered(fork, fork.roots(), results))
     rec.fork = None
     _log(d, now, "joined", step=fork.step, next=fork.then)
-    _schedule_step(d, fork.then, fork.then_queue, now, spec.steps[fork.then].timeout,
-                   token=fork.then_token or None)
+    _schedule_step(d, fork.then, fork.then_policy, now, token=fork.then_token or None)
     return d
 
 
@@ -663,7 +724,7 @@ def _fail_with(
     rec = _rec(d)
     live = [t for t in live_tasks(rec) if t is not rec.task and t is not finished]
     if live:  # siblings of a failed branch must not keep running
-        d.commands.append(Revoke(tuple(celery_task_id(rec.run_id, t) for t in live)))
+        d.commands.append(Revoke(rec.run_id, tuple(t.model_copy() for t in live)))
     rec.status, rec.error, rec.task, rec.fork, rec.gate = RunStatus.FAILED, error, None, None, None
     _log(d, now, "failed", step=error.step, error=str(error))
     return d
@@ -696,20 +757,9 @@ def _decision_result(gate: Gate, decision: str, ev: Decide) -> dict[str, Any]:
             "approvals": approvals}
 
 
-def _step_options(spec: FlowSpec | None, task: Task) -> StepSpec | None:
-    if task.branch is not None:
-        return StepSpec(queue=task.queue, retries=task.retries, backoff=task.backoff)
-    return spec.steps.get(task.step) if spec else None
-
-
 def _next_token(rec: RunRecord) -> int:
     rec.seq += 1
     return rec.seq
-
-
-def celery_task_id(run_id: str, task: Task) -> str:
-    """Deterministic message id: Flower shows the run, revoke finds the message."""
-    return f"{run_id}:{task.task_id}"
 
 
 def _need(spec: FlowSpec | None) -> FlowSpec:
@@ -728,9 +778,11 @@ def _choices(spec: FlowSpec) -> list[str]:
 
 
 def _label(out: Outcome) -> str:
-    if out.kind == "goto":
+    if isinstance(out, GoTo):
         return "END" if out.target == END else out.target
-    return f"{out.kind}->{out.target if out.kind == 'parallel' else out.gate.then}"  # type: ignore[union-attr]
+    if isinstance(out, WaitFor):
+        return f"wait->{out.gate.then}"
+    return f"parallel->{out.then}"
 
 
 def _log(d: Decision, now: float, event: str, **detail: Any) -> None:

@@ -9,8 +9,10 @@ whether retrying could help.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import json
+import signal
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from ._agents import AgentBox
 from ._context import StepContext, StepResults
 from ._definition import END, Branch, Next, Parallel, StepDef, Wait, Workflow, resolve_ref
-from ._engine import BranchSpec, GateSpec, Outcome, StepDone, StepFailed
+from ._engine import BranchSpec, FanOut, GateSpec, GoTo, Outcome, StepDone, StepFailed, WaitFor
 from ._records import RunError, RunRecord, Task
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -43,9 +45,10 @@ def run_task(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> StepDone | StepFailed:
-    where = task.step if task.branch is None else f"{task.step}[{task.branch}]"
+    where = task.where
     agents = AgentBox(wf.agent_factories)
     notes: list[dict[str, Any]] = []
+    step_def: StepDef | None = None
     try:
         step_def = resolve_ref(task.ref) if task.ref else wf.step_def(task.step)
         base_state = (rec.fork.state_seen_by(task.branch) if task.branch is not None and rec.fork
@@ -58,13 +61,13 @@ def run_task(
             on_checkpoint=on_checkpoint if wf.is_imperative else None,
         )
         try:
-            returned = _call(step_def, ctx, task.timeout)
+            returned = _call(step_def, ctx, task.policy.timeout)
         finally:
             notes = [{**n, "step": where} for n in agents.close_leftovers()]
         if task.branch is not None:
             outcome = _branch_outcome(returned, step_def, max_payload)
         elif wf.is_imperative:
-            outcome = Outcome("goto", END, _output(returned, step_def, max_payload), True)
+            outcome = GoTo(END, _output(returned, step_def, max_payload), True)
         else:
             outcome = _outcome(returned, step_def, wf, max_payload)
         patch = ctx.state_patch
@@ -73,7 +76,10 @@ def run_task(
     except _BadResult as exc:
         return _failed(task, where, exc, notes, retryable=False)
     except Exception as exc:
-        return _failed(task, where, exc, notes, retryable=True)
+        # The definition's policy says which errors retry (it holds `retry_on`, which
+        # does not travel in the task); an unloadable step retries by default.
+        policy = step_def.options.policy if step_def is not None else task.policy
+        return _failed(task, where, exc, notes, retryable=policy.retries_error(exc))
 
 
 def _failed(
@@ -93,7 +99,12 @@ def _call(step_def: StepDef, ctx: StepContext, timeout: float | None) -> Any:
     fn = step_def.fn
     if inspect.iscoroutinefunction(fn):
         return _run_coroutine(fn(ctx), timeout)
-    result = fn(ctx) if timeout is None else _call_with_timeout(fn, ctx, timeout)
+    if timeout is None:
+        result = fn(ctx)
+    elif _soft_time_limit_armed():
+        result = _call_under_soft_limit(fn, ctx, timeout)
+    else:
+        result = _call_with_timeout(fn, ctx, timeout)
     if inspect.isawaitable(result):
         return _run_coroutine(result, timeout)
     return result
@@ -109,9 +120,33 @@ def _run_coroutine(coro: Any, timeout: float | None) -> Any:
     return asyncio.run(bounded())
 
 
+def _soft_time_limit_armed() -> bool:
+    """In a Celery prefork child the pool raises SoftTimeLimitExceeded in the main thread
+    at the task's soft time limit (the dispatcher sets it to the step's timeout): that
+    interrupts even a blocking call, which a helper thread cannot be."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        from billiard.pool import soft_timeout_sighandler
+    except ImportError:
+        return False
+    usr1 = getattr(signal, "SIGUSR1", None)
+    return usr1 is not None and signal.getsignal(usr1) is soft_timeout_sighandler
+
+
+def _call_under_soft_limit(fn: Callable[[Any], Any], ctx: StepContext, timeout: float) -> Any:
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    try:
+        return fn(ctx)
+    except SoftTimeLimitExceeded:
+        raise StepTimeout(f"step timed out after {timeout}s") from None
+
+
 def _call_with_timeout(fn: Callable[[Any], Any], ctx: StepContext, timeout: float) -> Any:
-    """Run a sync step in a helper thread; past the timeout the step fails (on Celery the
-    task's soft time limit also interrupts the code; in-process the thread is abandoned)."""
+    """Run a sync step in a helper thread. Past the timeout the step fails, and the
+    thread is interrupted: StepTimeout is raised inside it at its next Python bytecode
+    (a blocking C call finishes first)."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -124,18 +159,25 @@ def _call_with_timeout(fn: Callable[[Any], Any], ctx: StepContext, timeout: floa
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
+        _interrupt(thread)
         raise StepTimeout(f"step timed out after {timeout}s")
     if "error" in box:
         raise box["error"]
     return box.get("value")
 
 
+def _interrupt(thread: threading.Thread) -> None:
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                   ctypes.py_object(StepTimeout))
+
+
 def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -> Outcome:
     if isinstance(returned, str):
-        return Outcome("goto", returned)
+        return GoTo(returned)
     if isinstance(returned, Next):
         output = _output(returned.output, step_def, max_payload)
-        return Outcome("goto", returned.step, output, True)
+        return GoTo(returned.step, output, True)
     if isinstance(returned, Wait):
         g = returned.gate
         gate = GateSpec(
@@ -143,12 +185,12 @@ def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -
             timeout=g.timeout, on_timeout=g.on_timeout, on_reject=g.on_reject, prompt=g.prompt,
             payload=_jsonable(dict(g.payload), "gate payload"),
         )
-        return Outcome("wait", returned.then, gate=gate)
+        return WaitFor(gate)
     if isinstance(returned, Parallel):
         if returned.then is None:
             raise _BadResult("returned Parallel(...) without then: name the step that gathers "
                              "the branches")
-        return Outcome("parallel", returned.then, branches=_branch_specs(returned.branches))
+        return FanOut(_branch_specs(returned.branches), returned.then)
     raise _BadResult(
         f"returned {type(returned).__name__} {returned!r:.80}; a step returns a step name, "
         f"END, Next(step, output=...), Wait(...) or Parallel(...)"
@@ -164,16 +206,14 @@ def _branch_outcome(returned: Any, step_def: StepDef, max_payload: int) -> Outco
         if returned.then is not None:
             raise _BadResult(f"a branch's Parallel gathers into the branch itself: leave "
                              f"out then (got {returned.then!r})")
-        return Outcome("parallel", "", branches=_branch_specs(returned.branches))
-    return Outcome("goto", END, _output(returned, step_def, max_payload), True)
+        return FanOut(_branch_specs(returned.branches))
+    return GoTo(END, _output(returned, step_def, max_payload), True)
 
 
 def _branch_specs(branches: Sequence[Branch]) -> tuple[BranchSpec, ...]:
     return tuple(
-        BranchSpec(
-            name=b.name, ref=b.ref, queue=b.options.queue, timeout=b.options.timeout,
-            retries=b.options.retries, backoff=b.options.backoff, item=b.item,
-            has_item=b.has_item, children=_branch_specs(b.children))
+        BranchSpec(name=b.name, ref=b.ref, policy=b.options.policy, item=b.item,
+                   has_item=b.has_item, children=_branch_specs(b.children))
         for b in branches
     )
 

@@ -8,13 +8,16 @@ going: history lives in an append-only list next to it.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["RunError", "RunRecord", "RunResult", "RunStatus"]
+__all__ = ["RunError", "RunRecord", "RunResult", "RunStatus", "StepPolicy"]
+
+DEFAULT_QUEUE = "orchestrator.steps"
 
 
 class RunStatus(enum.StrEnum):
@@ -44,22 +47,73 @@ class RunError(BaseModel):
         return f"{where}{self.type}: {self.message}"
 
 
+class StepPolicy(BaseModel):
+    """How one step (or branch) runs: where, for how long, and how it retries.
+
+    One value, written once in the definition (`@step(...)`) and carried unchanged in
+    every task the engine dispatches, so a branch and a step obey the same rules.
+    `retry_on` stays in the definition: the worker, which has the code, decides whether
+    an exception may be retried; the engine only sees the verdict.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    queue: str = DEFAULT_QUEUE
+    """The Celery queue the step's task is sent to."""
+    retries: int = Field(default=0, ge=0)
+    """Extra attempts after the first fails with a retryable error."""
+    backoff: float = Field(default=1.0, ge=0)
+    """Seconds before the first retry."""
+    backoff_factor: float = Field(default=2.0, ge=1)
+    """Each later retry waits this many times longer..."""
+    max_backoff: float = Field(default=300.0, ge=0)
+    """...up to this many seconds."""
+    jitter: float = Field(default=0.0, ge=0, le=1)
+    """Spread each wait by up to this fraction, so retries of many runs do not align."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds the step may run; past it the step fails (and its work is interrupted)."""
+    retry_on: Any = Field(default=None, exclude=True, repr=False)
+    """Exception types (or a predicate on the exception) that may be retried; None: all
+    but `NonRetryable`. Not serialized: workers read it from the definition."""
+
+    def delay_before(self, attempt: int, seed: str = "") -> float:
+        """Seconds to wait before `attempt` (2 is the first retry). The jitter is derived
+        from `seed` (run and token), so the engine stays deterministic."""
+        growth = self.backoff_factor ** max(0, attempt - 2)
+        delay = float(min(self.max_backoff, self.backoff * growth))
+        if self.jitter and seed:
+            spread = int.from_bytes(hashlib.sha256(f"{seed}:{attempt}".encode()).digest()[:4])
+            delay *= 1 + self.jitter * (2 * spread / 0xFFFFFFFF - 1)
+        return delay
+
+    def retries_error(self, exc: BaseException) -> bool:
+        """Whether this policy lets `exc` be retried (attempts left aside)."""
+        if getattr(exc, "non_retryable", False):
+            return False
+        if self.retry_on is None:
+            return True
+        if isinstance(self.retry_on, type | tuple):
+            return isinstance(exc, self.retry_on)
+        return bool(self.retry_on(exc))
+
+
 class Task(BaseModel):
     """One unit of work to run on a worker: a step, a branch, or the imperative body."""
 
     step: str
     token: int
     attempt: int = 1
-    queue: str
+    policy: StepPolicy = field(default_factory=StepPolicy)
     branch: str | None = None
     ref: str | None = None  # importable function of a branch
     item: Any = None
     has_item: bool = False
-    timeout: float | None = None
-    retries: int = 0  # branch retry policy travels with the task; steps read the spec
-    backoff: float = 1.0
     due_at: float = 0.0  # not before (retry backoff)
     dispatched_at: float | None = None
+
+    @property
+    def queue(self) -> str:
+        return self.policy.queue
 
     @property
     def lease_id(self) -> str:
@@ -70,6 +124,11 @@ class Task(BaseModel):
     def task_id(self) -> str:
         suffix = f":{self.branch}" if self.branch is not None else ""
         return f"{self.token}{suffix}:{self.attempt}"
+
+    @property
+    def where(self) -> str:
+        """How errors and logs name it: `Step`, or `Step[branch]`."""
+        return self.step if self.branch is None else f"{self.step}[{self.branch}]"
 
 
 class BranchState(BaseModel):
@@ -101,7 +160,7 @@ class Fork(BaseModel):
     step: str
     token: int
     then: str
-    then_queue: str
+    then_policy: StepPolicy
     branches: dict[str, BranchState]
     base_state: dict[str, Any]
     then_token: int = 0  # reserved at the fork, so the chord's body can name its task
@@ -152,11 +211,9 @@ class Gate(BaseModel):
     approvers: list[str]
     min_approvals: int = 1
     then: str
-    then_queue: str
     on_reject: str | None = None
-    on_reject_queue: str | None = None
     on_timeout: str | None = None
-    on_timeout_queue: str | None = None
+    policies: dict[str, StepPolicy] = Field(default_factory=dict)  # of then/on_* steps
     timeout_at: float | None = None
     prompt: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
@@ -197,17 +254,8 @@ class RunResult(BaseModel):
 
 @dataclass(frozen=True)
 class StepSpec:
-    queue: str
-    retries: int = 0
-    backoff: float = 1.0
-    backoff_factor: float = 2.0
-    max_backoff: float = 300.0
-    timeout: float | None = None
+    policy: StepPolicy = field(default_factory=StepPolicy)
     route: str | None = None  # a step given as a name (`START: "Clone"`) runs no code
-
-    def delay_before(self, attempt: int) -> float:
-        growth = self.backoff_factor ** max(0, attempt - 2)
-        return float(min(self.max_backoff, self.backoff * growth))
 
 
 @dataclass(frozen=True)

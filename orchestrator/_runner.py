@@ -2,35 +2,42 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
 from pydantic import BaseModel
 
 from . import _engine as engine
-from ._celery import host, runtime_of
+from ._celery import OrchestratorApp
 from ._config import Settings
 from ._definition import DefinitionError, Workflow
 from ._dispatch.local import LocalDispatcher
+from ._middleware import Middleware
 from ._records import Gate, RunRecord, RunResult, RunStatus
-from ._runtime import RunNotFound, Runtime, memory_runtime
-from ._stores import RunStore
-
-_embedded: Runtime | None = None
-_embedded_lock = threading.Lock()
+from ._runtime import RunNotFound, Runtime
+from ._stores import MemoryStore, RedisStore, RunStore
 
 
-def embedded_runtime() -> Runtime:
-    """The process-wide in-process runtime (thread pool + memory store)."""
-    global _embedded
-    with _embedded_lock:
-        if _embedded is None:
-            dispatcher = LocalDispatcher()
-            _embedded = memory_runtime(dispatcher)
-            dispatcher.bind(_embedded)
-        return _embedded
+def embedded_runtime(settings: Settings | None = None,
+                     middleware: Iterable[Middleware] = ()) -> Runtime:
+    """An in-process runtime (a thread pool). Each workflow's runs live where its
+    `.persistence()` says: in memory by default, in Redis with `store="redis"`."""
+    settings = settings or Settings.from_env()
+    memory: dict[str, RunStore] = {}
+
+    def store_for(prefix: str) -> RunStore:
+        hosted = [wf for wf in runtime.workflows.values()
+                  if wf.persistence_options.key_prefix == prefix]
+        if any(wf.persistence_options.store == "redis" for wf in hosted):
+            return RedisStore(settings.redis_url, prefix, settings.retain_seconds)
+        return memory.setdefault(prefix, MemoryStore(prefix))
+
+    dispatcher = LocalDispatcher()
+    runtime = Runtime(dispatcher, settings, store_factory=store_for, middleware=middleware)
+    dispatcher.bind(runtime)
+    return runtime
 
 
 def local_runtime(store: RunStore, settings: Settings | None = None) -> Runtime:
@@ -44,26 +51,45 @@ def local_runtime(store: RunStore, settings: Settings | None = None) -> Runtime:
 class WorkflowRunner:
     """Starts runs of one workflow.
 
-    `WorkflowRunner(wf)` runs in this process (embedded); `WorkflowRunner(wf, app=app)`
-    enqueues on a Celery cluster whose state lives in Redis.
+    `WorkflowRunner(wf)` runs in this process (embedded) on a runtime of its own, which
+    `close()` (or leaving a `with` block) stops; `WorkflowRunner(wf, app=app)` enqueues
+    on a Celery cluster whose state lives in Redis.
     """
 
     def __init__(
-        self, workflow: Workflow, *, app: Celery | None = None, runtime: Runtime | None = None
+        self, workflow: Workflow, *, app: Celery | None = None, runtime: Runtime | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         workflow.check_complete()
         self.workflow = workflow
         durable = workflow.persistence_options
-        if app is not None and (not durable.enabled or durable.store != "redis"):
+        if app is not None and durable.in_memory:
             raise DefinitionError(
                 f"{workflow.name} keeps its state in memory (.persistence(enabled="
                 f"{durable.enabled}, store={durable.store!r})): it can only run embedded")
+        self._owned: Runtime | None = None
         if app is not None:
-            host(app, workflow)
-            runtime = runtime_of(app)
-        self.runtime = runtime or embedded_runtime()
+            if not isinstance(app, OrchestratorApp):
+                raise TypeError("app must come from orchestrator.create_app()")
+            app.host(workflow)
+            runtime = app.runtime
+        if runtime is None:
+            runtime = self._owned = embedded_runtime(middleware=middleware)
+        self.runtime = runtime
         self.runtime.register(workflow)
         self.store = self.runtime.store_for(workflow.persistence_options.key_prefix)
+
+    def close(self) -> None:
+        """Stop the embedded runtime this runner made (a runtime or app passed in is the
+        caller's to close). Runs not finished by then stop where they are."""
+        if self._owned is not None:
+            self._owned.close()
+
+    def __enter__(self) -> WorkflowRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(self, input: BaseModel | dict[str, Any] | None = None, *,
             run_id: str | None = None) -> RunHandle:

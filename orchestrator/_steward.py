@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from . import _graph
 from ._definition import Workflow
-from ._records import FlowSpec, StepSpec
-from ._runtime import spec_of
+from ._records import FlowSpec, StepPolicy, StepSpec
+from ._registry import spec_of
 
 CATALOG_KEY = "orchestrator:catalog"
 
@@ -43,7 +43,8 @@ class CatalogEntry(BaseModel):
     def spec(self) -> FlowSpec:
         """The engine's view, rebuilt from the catalog (no reducers: starting needs none)."""
         return FlowSpec(self.name, self.version,
-                        {n: StepSpec(**options) for n, options in self.steps.items()})
+                        {n: StepSpec(StepPolicy.model_validate(o["policy"]), o.get("route"))
+                         for n, o in self.steps.items()})
 
 
 class Steward:
@@ -83,7 +84,8 @@ def entry_of(wf: Workflow, host: str | None = None) -> CatalogEntry:
         input_schema=wf.input_model.model_json_schema(),
         state_schema=wf.state_model.model_json_schema(),
         graph=_graph.edges(wf), queues=wf.queues(),
-        steps={n: s.__dict__ for n, s in spec.steps.items()},
+        steps={n: {"policy": s.policy.model_dump(mode="json"), "route": s.route}
+               for n, s in spec.steps.items()},
         imperative=wf.is_imperative, initial_state=wf.state_model().model_dump(mode="json"),
         hosts=[host] if host else [], published_at=time.time(),
     )

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import _graph
-from ._celery import Sweeper, create_app, runtime_of
+from ._celery import Sweeper, create_app
 from ._client import Client
 from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
@@ -258,7 +258,7 @@ def _print_result(result: dict[str, Any]) -> None:
 def _publish(settings: Settings, app: Any, node: str) -> None:
     client = connect(settings.redis_url)
     try:
-        publish(client, runtime_of(app).workflows.values(), host=node)
+        publish(client, app.runtime.workflows.values(), host=node)
     except Exception as exc:  # the broker connection will say the same, more usefully
         err.print(f"[yellow]warning:[/yellow] catalog not published: {exc}")
     finally:
@@ -277,7 +277,7 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
            loglevel: str, hostname: str, celery_args: tuple[str, ...]) -> None:
     """Run a worker: executes the steps of the hosted workflows (a `celery worker`)."""
     app = create_app(settings)
-    runtime = runtime_of(app)
+    runtime = app.runtime
     step_queues = sorted({q for wf in runtime.workflows.values() for q in wf.queues().values()}
                          | {DEFAULT_QUEUE})
     _publish(settings, app, hostname)
@@ -319,7 +319,7 @@ def flower(settings: Settings, port: int, flower_args: tuple[str, ...]) -> None:
 @_guard
 def recover(settings: Settings) -> None:
     """One recovery sweep: fire due timers, re-dispatch lost steps, re-drive lost joins."""
-    runtime = runtime_of(create_app(settings))
+    runtime = create_app(settings).runtime
     changed = runtime.sweep_all()
     out.print(f"recovered {changed} run(s)")
 

@@ -458,3 +458,49 @@ class BlobInput(BaseModel):
 
 blob = Workflow("Blob").input(BlobInput).flow({
     START: "Emit", "Emit": lambda ctx: Next(END, output="x" * ctx.input.size)})
+
+
+# ---- hardening: failures Flower must show, crash loops, timeouts, backlogs ---------------
+
+
+def doomed_step(ctx: Any) -> str:
+    raise ValueError(f"doomed {ctx.run_id}")
+
+
+doomed = Workflow("Doomed", "A step that raises").flow({START: doomed_step})
+
+
+def suicidal_step(ctx: Any) -> str:
+    note(ctx, "started")
+    os._exit(1)  # the pool child dies; Celery requeues the message (reject_on_worker_lost)
+
+
+suicidal = Workflow("Suicidal", "A step that kills its own process").flow(
+    {START: "Die", "Die": suicidal_step})
+
+
+@step(timeout=1.0)
+def overrun_step(ctx: Any) -> str:
+    key = f"t:{ctx.run_id}:ticks"
+    try:
+        while True:  # until the timeout interrupts it
+            r().incr(key)
+            time.sleep(0.05)
+    except BaseException as exc:
+        r().set(f"t:{ctx.run_id}:interrupted", type(exc).__name__)
+        raise
+
+
+overrun = Workflow("Overrun", "A step past its timeout").flow({START: overrun_step})
+
+
+class SlowInput(BaseModel):
+    seconds: float = 0.25
+
+
+def slow_step(ctx: Any) -> str:
+    time.sleep(ctx.input.seconds)
+    return END
+
+
+slow = Workflow("Slow", "One slow step").input(SlowInput).flow({START: slow_step})

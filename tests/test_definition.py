@@ -166,7 +166,7 @@ PUBLIC = [
     "RunResult", "RunRecord", "RunStatus", "RunError", "RunFailed", "Settings", "create_app",
     "local_runtime", "Steward", "CatalogEntry", "Client", "RunStore", "MemoryStore",
     "RedisStore", "ControlError", "InvalidInput", "RunNotFound", "StoreUnavailable",
-    "UnknownWorkflow",
+    "UnknownWorkflow", "NonRetryable", "StepPolicy", "OrchestratorApp", "Middleware",
 ]
 
 

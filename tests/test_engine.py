@@ -19,6 +19,8 @@ from orchestrator._engine import (
     Checkpoint,
     Decide,
     GateSpec,
+    FanOut,
+    GoTo,
     Join,
     Outcome,
     Pause,
@@ -30,6 +32,7 @@ from orchestrator._engine import (
     StepFailed,
     Stop,
     Tick,
+    WaitFor,
 )
 from orchestrator._records import (
     BranchResult,
@@ -37,15 +40,22 @@ from orchestrator._records import (
     RunError,
     RunRecord,
     RunStatus,
+    StepPolicy,
     StepSpec,
+    Task,
 )
 
 SPEC = FlowSpec("W", "v1", {
-    START: StepSpec("q", route="A"),
-    "A": StepSpec("q"),
-    "B": StepSpec("q2", retries=2, backoff=1.0, backoff_factor=2.0),
-    "C": StepSpec("q"),
+    START: StepSpec(StepPolicy(queue="q"), route="A"),
+    "A": StepSpec(StepPolicy(queue="q")),
+    "B": StepSpec(StepPolicy(queue="q2", retries=2, backoff=1.0, backoff_factor=2.0)),
+    "C": StepSpec(StepPolicy(queue="q")),
 }, reducers={"logs": operator.add})
+Q = StepPolicy(queue="q")
+
+
+def ids(revoke: Revoke) -> tuple[str, ...]:
+    return tuple(f"{revoke.run_id}:{t.task_id}" for t in revoke.tasks)
 
 
 def started() -> RunRecord:
@@ -55,7 +65,7 @@ def started() -> RunRecord:
 
 
 def goto(target: str, output: Any = None, has_output: bool = False) -> Outcome:
-    return Outcome("goto", target, output, has_output)
+    return GoTo(target, output, has_output)
 
 
 def done(rec: RunRecord, outcome: Outcome, patch: dict[str, Any] | None = None,
@@ -209,7 +219,8 @@ def test_stop_revokes_in_flight_work_and_ignores_late_results() -> None:
     rec = started()
     d = engine.apply(rec, Stop(101.0, "enough"), SPEC)
     assert d.record is not None and d.record.status is RunStatus.STOPPED
-    assert d.commands == [Revoke(("r1:1:1",))]
+    assert len(d.commands) == 1 and isinstance(d.commands[0], Revoke)
+    assert ids(d.commands[0]) == ("r1:1:1",)
     assert not engine.apply(d.record, StepDone(1, 102.0, {}, goto("B")), SPEC).changed
     with pytest.raises(ControlError, match="stopped"):
         engine.apply(d.record, Resume(103.0), SPEC)
@@ -222,7 +233,7 @@ def test_stop_revokes_in_flight_work_and_ignores_late_results() -> None:
 
 def gate(**kw: Any) -> Outcome:
     options = {"approvers": ("ann", "bob"), "then": "B", **kw}
-    return Outcome("wait", options["then"], gate=GateSpec(**options))
+    return WaitFor(GateSpec(**options))
 
 
 def waiting(**kw: Any) -> RunRecord:
@@ -313,9 +324,9 @@ def test_deciding_without_a_gate_or_after_the_end_is_refused() -> None:
 
 
 def branches(*names: str, mapped: bool = False) -> Outcome:
-    specs = tuple(BranchSpec(n, f"m:{n}", "q", item=i if mapped else None, has_item=mapped)
+    specs = tuple(BranchSpec(n, f"m:{n}", Q, item=i if mapped else None, has_item=mapped)
                   for i, n in enumerate(names))
-    return Outcome("parallel", "C", branches=specs)
+    return FanOut(specs, "C")
 
 
 def forked(*names: str, mapped: bool = False) -> RunRecord:
@@ -371,7 +382,7 @@ def test_failed_branch_fails_the_run_and_revokes_its_siblings() -> None:
     assert d.record is not None and d.record.status is RunStatus.FAILED
     assert d.record.error is not None and d.record.error.step == "A[x]"
     (revoke,) = d.commands
-    assert isinstance(revoke, Revoke) and revoke.task_ids == ("r1:2:y:1",)
+    assert isinstance(revoke, Revoke) and ids(revoke) == ("r1:2:y:1",)
 
 
 def test_tick_redrives_a_lost_join() -> None:
@@ -387,10 +398,10 @@ def test_tick_redrives_a_lost_join() -> None:
 def nested_done(rec: RunRecord, branch: str, *children: str,
                 patch: dict[str, Any] | None = None) -> engine.Decision:
     """Branch `branch` returned Parallel(children)."""
-    specs = tuple(BranchSpec(c, f"m:{c}", "q") for c in children)
+    specs = tuple(BranchSpec(c, f"m:{c}", Q) for c in children)
     assert rec.fork is not None
     return engine.apply(rec, StepDone(rec.fork.token, 121.0, patch or {},
-                                      Outcome("parallel", "", branches=specs), branch), SPEC)
+                                      FanOut(specs), branch), SPEC)
 
 
 def test_a_branch_that_fans_out_again_sends_its_children_into_the_same_fork() -> None:
@@ -402,7 +413,7 @@ def test_a_branch_that_fans_out_again_sends_its_children_into_the_same_fork() ->
     assert sorted(fork.leaves()) == ["x/p", "x/q", "y"]
     (cmd,) = d.commands
     assert isinstance(cmd, SendFork) and [t.branch for t in cmd.tasks] == ["x/p", "x/q"]
-    assert cmd.token == fork.token and cmd.then == "C" and cmd.then_token == fork.then_token
+    assert cmd.token == fork.token and cmd.then.step == "C" and cmd.then.token == fork.then_token
     assert fork.state_seen_by("x/p") == {"n": 1, "a": 1}  # what x set before fanning out
     assert [h["event"] for h in d.history] == ["branch_forked"]
     assert not nested_done(d.record, "x", "p").changed  # a duplicate of x: x runs no more
@@ -424,9 +435,8 @@ def test_a_nested_fan_out_gathers_into_its_branch() -> None:
 
 
 def test_a_parallel_nested_in_the_definition_is_flattened_at_the_fork() -> None:
-    inner = (BranchSpec("a", "m:a", "q"), BranchSpec("b", "m:b", "q", item=1, has_item=True))
-    out = Outcome("parallel", "C", branches=(BranchSpec("w", "", "q", children=inner),
-                                             BranchSpec("y", "m:y", "q")))
+    inner = (BranchSpec("a", "m:a", Q), BranchSpec("b", "m:b", Q, item=1, has_item=True))
+    out = FanOut((BranchSpec("w", "", Q, children=inner), BranchSpec("y", "m:y", Q)), "C")
     d = done(started(), out)
     assert d.record is not None and d.record.fork is not None
     (cmd,) = d.commands
@@ -444,7 +454,7 @@ def test_a_failing_nested_branch_revokes_every_live_branch() -> None:
     assert d.record is not None and d.record.status is RunStatus.FAILED
     assert d.record.error is not None and d.record.error.step == "A[x/p]"
     (revoke,) = d.commands
-    assert isinstance(revoke, Revoke) and revoke.task_ids == ("r1:2:y:1", "r1:2:x/q:1")
+    assert isinstance(revoke, Revoke) and ids(revoke) == ("r1:2:y:1", "r1:2:x/q:1")
 
 
 # ---- recovery -------------------------------------------------------------------------
@@ -535,8 +545,8 @@ def test_any_fork_script_joins_once_with_every_leaf(script: list[tuple[str, int]
             results[leaf] = result(f"out:{leaf}", at=now)  # recorded beside the record
             continue
         if action == "expand" and leaf is not None and leaf.count("/") < 3:
-            specs = (BranchSpec("p", "m:p", "q"), BranchSpec("q", "m:q", "q"))
-            event = StepDone(token, now, {}, Outcome("parallel", "", branches=specs), leaf)
+            specs = (BranchSpec("p", "m:p", Q), BranchSpec("q", "m:q", Q))
+            event = StepDone(token, now, {}, FanOut(specs), leaf)
         elif action == "fail" and leaf is not None and pick == 0:  # rare: it ends the run
             event = StepFailed(token, now, RunError(type="E", message="m"), branch=leaf)
         elif action == "join":
@@ -572,3 +582,92 @@ def test_any_fork_script_joins_once_with_every_leaf(script: list[tuple[str, int]
             nested = any(not b.is_leaf for b in before.fork.branches.values())
             hypothesis_event("joined a nested fork" if nested else "joined a flat fork")
         rec = d.record
+
+
+# ---- one policy, carried from the definition to every task -------------------------------
+
+
+def test_a_branch_retries_with_its_whole_policy() -> None:
+    """Branches used to lose backoff_factor and max_backoff on the way to the task."""
+    policy = StepPolicy(queue="q", retries=3, backoff=1.0, backoff_factor=10, max_backoff=1.5)
+    rec = done(started(), FanOut((BranchSpec("x", "m:x", policy),), "C")).record
+    assert rec is not None and rec.fork is not None
+    error = RunError(type="ConnectionError", message="boom")
+    waits = []
+    for attempt, now in ((1, 130.0), (2, 140.0), (3, 150.0)):
+        d = engine.apply(rec, StepFailed(rec.fork.token, now, error, branch="x",
+                                         attempt=attempt), SPEC)
+        assert d.record is not None and d.record.fork is not None
+        task = d.record.fork.branches["x"].task
+        waits.append(task.due_at - now)
+        rec = d.record
+    assert waits == [1.0, 1.5, 1.5]  # 1.0, then min(1.5, 10.0), then capped again
+
+
+def test_jitter_spreads_retries_deterministically() -> None:
+    policy = StepPolicy(backoff=10.0, jitter=0.5)
+    spread = {policy.delay_before(2, f"run{i}:1") for i in range(20)}
+    assert len(spread) > 10 and all(5.0 <= d <= 15.0 for d in spread)
+    assert policy.delay_before(2, "run1:1") == policy.delay_before(2, "run1:1")
+
+
+def test_retry_on_decides_which_errors_retry() -> None:
+    from orchestrator import NonRetryable
+
+    only_io = StepPolicy(retry_on=(OSError,))
+    assert only_io.retries_error(ConnectionError()) and not only_io.retries_error(KeyError())
+    assert not StepPolicy().retries_error(NonRetryable("no"))
+    assert StepPolicy(retry_on=lambda e: "flaky" in str(e)).retries_error(RuntimeError("flaky"))
+    assert "retry_on" not in Task(step="A", token=1, policy=only_io).model_dump_json()
+
+
+# ---- branch completion rules -------------------------------------------------------------
+
+
+def test_settle_branch_keeps_a_success_and_routes_the_rest_through_apply() -> None:
+    rec = forked("x", "y")
+    assert rec.fork is not None
+    token = rec.fork.token
+    ok = StepDone(token, 130.0, {"a": 1}, GoTo(END, "out", True), "x")
+    kept = engine.settle_branch(rec, ok, succeeded=False)
+    assert isinstance(kept, engine.KeepBranch)
+    assert kept.result.output == "out" and kept.width == 2 and not kept.joins
+    error = RunError(type="E", message="m")
+    failed = StepFailed(token, 130.0, error, branch="x")
+    assert isinstance(engine.settle_branch(rec, failed, succeeded=True), engine.IgnoreBranch)
+    routed = engine.settle_branch(rec, failed, succeeded=False)
+    assert isinstance(routed, engine.ApplyToRun) and routed.event.attempt == 1
+    nested = StepDone(token, 130.0, {}, FanOut((BranchSpec("p", "m:p", Q),)), "x")
+    assert isinstance(engine.settle_branch(rec, nested, succeeded=False), engine.ApplyToRun)
+    stale = StepDone(token + 7, 130.0, {}, GoTo(END), "x")
+    assert isinstance(engine.settle_branch(rec, stale, succeeded=False), engine.IgnoreBranch)
+
+
+def test_a_retried_branch_joins_the_fork_itself() -> None:
+    rec = forked("x")
+    assert rec.fork is not None
+    d = engine.apply(rec, StepFailed(rec.fork.token, 130.0, RunError(type="E", message="m"),
+                                     branch="x", attempt=1), FlowSpec("W", "v1", SPEC.steps))
+    # no retries in Q's policy: the run fails; with retries the retry joins itself
+    assert d.record is not None and d.record.status is RunStatus.FAILED
+    policy = StepPolicy(queue="q", retries=1, backoff=0)
+    rec2 = done(started(), FanOut((BranchSpec("x", "m:x", policy),), "C")).record
+    assert rec2 is not None and rec2.fork is not None
+    retried = engine.apply(rec2, StepFailed(rec2.fork.token, 130.0,
+                                            RunError(type="E", message="m"), branch="x",
+                                            attempt=1), SPEC).record
+    assert retried is not None
+    ok = StepDone(rec2.fork.token, 131.0, {}, GoTo(END, 1, True), "x")
+    verdict = engine.settle_branch(retried, ok, succeeded=False)
+    assert isinstance(verdict, engine.KeepBranch) and verdict.joins
+
+
+def test_the_sweep_leaves_a_task_whose_message_still_waits() -> None:
+    rec = started()
+    assert rec.task is not None and rec.task.dispatched_at is not None
+    late = rec.task.dispatched_at + 120
+    queued = Tick(late, redispatch_after=60, queued=frozenset({rec.task.lease_id}))
+    assert not engine.apply(rec, queued, SPEC).changed
+    lost = engine.apply(rec, Tick(late, redispatch_after=60), SPEC)
+    assert lost.record is not None and lost.record.task is not None
+    assert lost.record.task.attempt == 2 and any(isinstance(c, SendTask) for c in lost.commands)

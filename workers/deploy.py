@@ -88,7 +88,7 @@ build_and_deploy = (
     Workflow("BuildAndDeploy", "Build, test, deploy")
     .input(DeployInput)
     .state(DeployState)
-    .persistence(enabled=True, store="redis", key_prefix="deploy:")
+    .persistence(key_prefix="deploy:")
     .flow({
         START: lambda ctx: "Clone",
         "Clone": clone,

@@ -6,6 +6,7 @@ import abc
 from collections.abc import Sequence
 
 from .._engine import Command
+from .._records import Task
 
 
 class Dispatcher(abc.ABC):
@@ -16,6 +17,16 @@ class Dispatcher(abc.ABC):
     def queue_length(self, queue: str) -> int:
         """Messages waiting in `queue`; 0 where the transport cannot tell."""
         return 0
+
+    def message_ids(self, queue: str) -> frozenset[str] | None:
+        """Ids of the messages waiting in `queue` or held unacknowledged by a worker;
+        None where the transport cannot list them."""
+        return None
+
+    @staticmethod
+    def message_id(run_id: str, task: Task) -> str:
+        """Deterministic message id: Flower shows the run, revoke finds the message."""
+        return f"{run_id}:{task.task_id}"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop background work."""

@@ -4,6 +4,8 @@ chord of branch tasks whose body is the step after the fork, which joins the run
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -12,9 +14,18 @@ from celery import Celery, chord
 from celery.backends.redis import RedisBackend
 from kombu import Producer
 
-from .._engine import Command, Revoke, SendFork, SendTask, celery_task_id
+from .._engine import Command, Revoke, SendFork, SendTask
 from .._records import Task
 from .base import Dispatcher, branch_task_name, step_task_name
+
+log = logging.getLogger("orchestrator.dispatch")
+
+# Past this many waiting messages the sweep does not list a queue (it falls back to the
+# backlog rule): listing is for telling lost work from work that waits its turn.
+MAX_LISTED = 10_000
+# A hard time limit this much past a step's timeout kills a pool child whose code
+# swallowed the soft limit's exception.
+HARD_LIMIT_GRACE = 10.0
 
 
 class CeleryDispatcher(Dispatcher):
@@ -32,8 +43,8 @@ class CeleryDispatcher(Dispatcher):
                 elif isinstance(cmd, SendFork):
                     self._send_chord(cmd, producer)
                 elif isinstance(cmd, Revoke):
-                    self.app.control.revoke(list(cmd.task_ids), terminate=True,
-                                            signal="SIGTERM")
+                    ids = [self.message_id(cmd.run_id, t) for t in cmd.tasks]
+                    self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
 
     def _send_chord(self, cmd: SendFork, producer: Producer) -> None:
         """A Celery chord whose body is the step after the fork, told to join first.
@@ -41,8 +52,7 @@ class CeleryDispatcher(Dispatcher):
         On the Redis result backend the header goes out as `group.apply_async` sends it (the
         chord's size in the backend, then each task carrying the body), without building
         the canvas, which costs more than the messages themselves."""
-        then = Task(step=cmd.then, token=cmd.then_token, queue=cmd.then_queue)
-        body = self._signature(cmd.workflow, cmd.run_id, then).set(immutable=True)
+        body = self._signature(cmd.workflow, cmd.run_id, cmd.then).set(immutable=True)
         body.kwargs["join"] = cmd.token
         header = [self._signature(cmd.workflow, cmd.run_id, t) for t in cmd.tasks]
         if not isinstance(self.app.backend, RedisBackend):
@@ -62,17 +72,44 @@ class CeleryDispatcher(Dispatcher):
         except Exception:  # a queue never declared has no backlog
             return 0
 
+    def message_ids(self, queue: str) -> frozenset[str] | None:
+        """On kombu's Redis transport a queue is a list of JSON messages and the ones a
+        worker holds unacknowledged sit in a hash: both can be read. Elsewhere: None."""
+        try:
+            with self.app.connection_for_read() as conn:
+                if conn.transport.driver_type != "redis":
+                    return None
+                channel = conn.default_channel
+                client = channel.client
+                if client.llen(queue) > MAX_LISTED:
+                    return None
+                waiting = client.lrange(queue, 0, -1)
+                held = [json.loads(v)[0] for v in client.hvals(channel.unacked_key)]
+        except Exception as exc:  # the sweep then falls back to the backlog rule
+            log.debug("cannot list queue %s: %s", queue, exc)
+            return None
+        ids = [json.loads(m).get("headers", {}).get("id") for m in waiting]
+        ids += [m.get("headers", {}).get("id") for m in held if isinstance(m, dict)]
+        return frozenset(i for i in ids if i)
+
     def _signature(self, workflow: str, run_id: str, task: Task) -> Any:
         args: tuple[str, int] | tuple[str, int, str]
         if task.branch is None:
             name, args = step_task_name(workflow, task.step), (run_id, task.token)
         else:
             name, args = branch_task_name(workflow), (run_id, task.token, task.branch)
+        options: dict[str, Any] = {}
+        if task.attempt > 1:
+            options["kwargs"] = {"attempt": task.attempt}
+        if task.policy.timeout is not None:  # a prefork child is interrupted at its timeout
+            options["soft_time_limit"] = task.policy.timeout
+            options["time_limit"] = task.policy.timeout + HARD_LIMIT_GRACE
         # Our store keeps every result. Ignoring Celery's saves a SUBSCRIBE/UNSUBSCRIBE
         # per send and a SETEX + PUBLISH per task; a chord still counts its header,
         # since Celery's backend runs on_chord_part_return whether or not it stores.
         return self.app.signature(name, args=args, queue=task.queue,
-                                  task_id=celery_task_id(run_id, task), ignore_result=True)
+                                  task_id=self.message_id(run_id, task), ignore_result=True,
+                                  **options)
 
 
 @contextlib.contextmanager

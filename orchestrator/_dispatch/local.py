@@ -1,11 +1,16 @@
 """LocalDispatcher: the embedded mode. Steps run on a thread pool in this process, and a
 sweeper thread fires timers (retry backoff, gate timeouts), as coordinators do on a cluster.
+
+The dispatcher holds its runtime weakly: a runtime nobody references any more (its runner
+and handles dropped) is collected, and its sweeper thread ends with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -22,59 +27,76 @@ log = logging.getLogger("orchestrator.local")
 class LocalDispatcher(Dispatcher):
     def __init__(self, max_workers: int = 8, sweep_interval: float = 0.05) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="step")
-        self._runtime: Runtime | None = None
+        self._runtime: weakref.ref[Runtime] | None = None
         self._sweep_interval = sweep_interval
         self._stopping = threading.Event()
-        self._sweeper: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def bind(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-        if self._sweeper is None:
-            self._sweeper = threading.Thread(target=self._sweep_loop, daemon=True,
-                                             name="orchestrator-sweeper")
-            self._sweeper.start()
+        if self._runtime is not None:
+            raise RuntimeError("LocalDispatcher is already bound to a runtime")
+        self._runtime = weakref.ref(runtime)
+        threading.Thread(target=_sweep_loop, args=(self._runtime, self._stopping,
+                                                  self._sweep_interval),
+                         daemon=True, name="orchestrator-sweeper").start()
 
     @property
     def runtime(self) -> Runtime:
-        if self._runtime is None:
-            raise RuntimeError("LocalDispatcher is not bound to a runtime")
-        return self._runtime
+        runtime = self._runtime() if self._runtime is not None else None
+        if runtime is None:
+            raise RuntimeError("LocalDispatcher is not bound to a live runtime")
+        return runtime
 
     def send(self, commands: Sequence[Command]) -> None:
+        if self._stopping.is_set():
+            # Closed (or the interpreter is exiting): what is not sent stays in the store,
+            # where a runtime over the same store would pick it up.
+            log.info("embedded runtime closed: %d command(s) not sent", len(commands))
+            return
         for cmd in commands:
             if isinstance(cmd, SendTask):
-                self._submit(cmd.workflow, cmd.run_id, cmd.task.token, cmd.task.branch)
+                self._submit(cmd.workflow, cmd.run_id, cmd.task.token, cmd.task.branch,
+                             cmd.task.attempt)
             elif isinstance(cmd, SendFork):
                 self._fork(cmd)
             elif isinstance(cmd, Revoke):
                 # Threads cannot be killed; the run no longer expects them, so whatever they
                 # return is ignored, and a branch not yet started skips itself.
-                log.info("revoked %s", ", ".join(cmd.task_ids))
+                log.info("revoked %s", ", ".join(self.message_id(cmd.run_id, t)
+                                                  for t in cmd.tasks))
 
-    def _submit(self, workflow: str, run_id: str, token: int, branch: str | None) -> Future[str]:
-        return self._pool.submit(self._guarded, workflow, run_id, token, branch)
-
-    def _guarded(self, workflow: str, run_id: str, token: int, branch: str | None) -> str:
+    def _submit(self, workflow: str, run_id: str, token: int, branch: str | None,
+                attempt: int) -> Future[None]:
         try:
-            return self.runtime.execute(workflow, run_id, token, branch)
+            return self._pool.submit(self._guarded, workflow, run_id, token, branch, attempt)
+        except RuntimeError:  # the pool shut down under us (close, interpreter exit)
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+
+    def _guarded(self, workflow: str, run_id: str, token: int, branch: str | None,
+                 attempt: int) -> None:
+        try:
+            self.runtime.execute(workflow, run_id, token, branch, attempt=attempt)
         except Exception:
             log.exception("run %s: task %s failed in the runtime", run_id, token)
-            raise
 
     def _fork(self, cmd: SendFork) -> None:
         """A chord in-process: the join is submitted when the last branch returns."""
         remaining = [len(cmd.tasks)]
 
-        def part_done(_: Future[str]) -> None:
+        def part_done(_: Future[None]) -> None:
             with self._lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last and not self._stopping.is_set():
-                self._pool.submit(self._join, cmd.workflow, cmd.run_id, cmd.token)
+                # Shut down: the store keeps the fork, a sweep over it would join it.
+                with contextlib.suppress(RuntimeError):
+                    self._pool.submit(self._join, cmd.workflow, cmd.run_id, cmd.token)
 
         for t in cmd.tasks:
-            self._submit(cmd.workflow, cmd.run_id, t.token, t.branch).add_done_callback(part_done)
+            self._submit(cmd.workflow, cmd.run_id, t.token, t.branch,
+                         t.attempt).add_done_callback(part_done)
 
     def _join(self, workflow: str, run_id: str, token: int) -> None:
         try:
@@ -82,13 +104,18 @@ class LocalDispatcher(Dispatcher):
         except Exception:
             log.exception("run %s: join failed", run_id)
 
-    def _sweep_loop(self) -> None:
-        while not self._stopping.wait(self._sweep_interval):
-            try:
-                self.runtime.sweep_all()
-            except Exception:
-                log.exception("sweep failed")
-
     def close(self) -> None:
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _sweep_loop(ref: weakref.ref[Runtime], stopping: threading.Event, interval: float) -> None:
+    while not stopping.wait(interval):
+        runtime = ref()
+        if runtime is None:
+            return
+        try:
+            runtime.sweep_all()
+        except Exception:
+            log.exception("sweep failed")
+        del runtime

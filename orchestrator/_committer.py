@@ -1,0 +1,149 @@
+"""Decide, commit, then send: the one write path of every run.
+
+Load the record, let the engine decide, compare-and-set the new record with its history
+and timer, and only then hand the decided commands to the dispatcher: state and the
+outbox of messages are written together, so a crash after the commit loses no message
+(the sweep re-sends what the record says was dispatched and never arrived).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import _engine as engine
+from ._config import Settings
+from ._dispatch.base import Dispatcher
+from ._middleware import Hooks
+from ._records import FlowSpec, RunRecord
+from ._registry import Registry
+from ._stores import Loaded, RunStore
+
+log = logging.getLogger("orchestrator")
+
+MAX_CAS_ATTEMPTS = 50
+MAX_INPUT_DEPTH = 64
+
+EventMaker = Callable[[RunRecord, float], engine.Event]
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+class CommitConflict(RuntimeError):
+    """Too many concurrent writers on one run; nothing was committed."""
+
+
+class Committer:
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, settings: Settings,
+                 hooks: Hooks) -> None:
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.hooks = hooks
+
+    def due(self, rec: RunRecord) -> float | None:
+        return engine.next_due(rec, self.settings.redispatch_after, self.settings.join_after)
+
+    def apply(
+        self,
+        store: RunStore,
+        run_id: str,
+        make_event: EventMaker,
+        spec: FlowSpec | None = None,
+        *,
+        release: str | None = None,
+        loaded: Loaded | None = None,
+        run_here: Callable[[engine.Command], bool] | None = None,
+    ) -> engine.Decision:
+        """Decide and commit one event; retried on a concurrent write. Raises what the
+        engine raises for a request that does not apply (nothing is written then).
+        Commands `run_here` picks are not sent: the caller carries them out itself."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            current = loaded or store.load(run_id)
+            loaded = None
+            if current.record is None:
+                raise RunNotFound(f"no run {run_id!r} in {store.key_prefix!r}")
+            event = make_event(current.record, current.now)
+            spec = spec or self.registry.spec(current.record.workflow)
+            decision = engine.apply(current.record, event, spec)
+            if not decision.changed:
+                if release is not None:  # a worker's late or duplicate result: keep a trace
+                    self.note_ignored(store, run_id, current.now, type(event).__name__,
+                                      release, decision.ignored or "")
+                return decision
+            assert decision.record is not None
+            if store.commit(current.record, current.version, decision.record, decision.history,
+                            self.due(decision.record), release):
+                if self.hooks:  # before sending: the next step's hooks come after this one
+                    self.hooks.call("after_commit", current.record, decision.record,
+                                    decision.history)
+                self.send([c for c in decision.commands if run_here is None or not run_here(c)])
+                return decision
+        raise CommitConflict(f"run {run_id}: gave up after {MAX_CAS_ATTEMPTS} conflicting writes")
+
+    def note_ignored(self, store: RunStore, run_id: str, now: float, what: str, token: str,
+                     reason: str) -> None:
+        log.info("run %s: ignored %s (%s)", run_id, what, reason)
+        store.note(run_id, {"at": now, "event": "ignored", "what": what, "token": token,
+                            "reason": reason}, token)
+        if self.hooks:
+            self.hooks.call("on_ignored", run_id, what, reason)
+
+    def send(self, commands: list[engine.Command]) -> None:
+        self.dispatcher.send(commands)
+
+    def start(self, store: RunStore, spec: FlowSpec, input: dict[str, Any],
+              state: dict[str, Any], run_id: str | None = None) -> tuple[str, bool]:
+        """Create and dispatch a run from validated data. Returns (run id, created); a run
+        id that exists already is not started again. Once the run is committed it is
+        started: if its first message cannot be sent now, the sweep sends it."""
+        run_id = uuid.uuid4().hex if run_id is None else run_id
+        check_run_id(run_id)
+        size = _json_size(input)
+        if size > self.settings.max_payload:
+            raise ValueError(f"input is {size} bytes of JSON, over the "
+                             f"{self.settings.max_payload}-byte limit (ORCHESTRATOR_MAX_PAYLOAD)")
+        now = store.now()  # fails fast (StoreUnavailable) before anything is written
+        d = engine.start(spec, run_id, input, state, now)
+        assert d.record is not None
+        if not store.create(d.record, d.history, self.due(d.record)):
+            return run_id, False
+        if self.hooks:
+            self.hooks.call("after_commit", None, d.record, d.history)
+        try:
+            self.send(d.commands)
+        except Exception as exc:  # the broker is down: the record is the outbox
+            log.warning("run %s: started, but its first step could not be sent (%s: %s); "
+                        "the recovery sweep will send it", run_id, type(exc).__name__, exc)
+        return run_id, True
+
+
+def check_run_id(run_id: str) -> None:
+    """Run ids go into keys, task ids and log lines: no braces, ':' or whitespace, and
+    nothing unprintable (a `\\r` or U+2028 would forge log lines)."""
+    if (not isinstance(run_id, str) or not run_id or len(run_id) > 200
+            or not run_id.isprintable() or any(c in run_id for c in "{}: ")):
+        raise ValueError(f"run id {run_id!r} must be 1-200 printable characters without "
+                         f"braces, ':' or whitespace")
+
+
+def check_input_depth(value: Any, limit: int = MAX_INPUT_DEPTH) -> None:
+    """Refuse input nested deeper than `limit` before JSON or pydantic recurse into it."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                raise ValueError(f"input is nested more than {limit} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _json_size(value: Any) -> int:
+    check_input_depth(value)
+    return len(json.dumps(value))

@@ -1,0 +1,114 @@
+"""The recovery sweep: fire due timers (retry backoff, gate timeouts) and drive on runs
+whose work was lost (a message dropped, a chord's join lost, a worker killed whole).
+
+Coordinators run it every sweep interval; the embedded mode runs it on a thread. A run is
+only re-sent when its work is really lost: no live lease, and (where the transport lets
+us look) no message of it still waiting in its queue, so an overloaded cluster does not
+multiply its own load.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import _engine as engine
+from ._committer import Committer
+from ._dispatch.base import Dispatcher
+from ._records import RunRecord, Task
+from ._stores import CorruptRecord, RunStore, StoreUnavailable
+
+log = logging.getLogger("orchestrator.sweep")
+
+
+class QueueView:
+    """What the sweep learns about queues in one pass, asking each queue once."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._lengths: dict[str, int] = {}
+        self._messages: dict[str, frozenset[str] | None] = {}
+
+    def busy(self, queue: str) -> bool:
+        if queue not in self._lengths:
+            self._lengths[queue] = self._dispatcher.queue_length(queue)
+        return self._lengths[queue] > 0
+
+    def waiting(self, run_id: str, task: Task) -> bool | None:
+        """Whether a message of `task` still waits in its queue (or is held unacked by a
+        worker); None where the transport cannot tell."""
+        if task.queue not in self._messages:
+            self._messages[task.queue] = self._dispatcher.message_ids(task.queue)
+        ids = self._messages[task.queue]
+        return None if ids is None else self._dispatcher.message_id(run_id, task) in ids
+
+
+class Sweeper:
+    def __init__(self, committer: Committer, hosts: Callable[[str], bool]) -> None:
+        self.committer = committer
+        self.settings = committer.settings
+        self._hosts = hosts
+        self._failures = 0
+
+    def sweep(self, store: RunStore, limit: int | None = None) -> int:
+        """One pass over runs whose timer is due. Returns how many runs changed."""
+        s = self.settings
+        changed = 0
+        queues = QueueView(self.committer.dispatcher)
+        for run_id in store.claim_due(limit or s.sweep_batch, s.redispatch_after):
+            try:
+                changed += self._tick(store, run_id, queues)
+            except CorruptRecord as exc:
+                log.error("run %s: its record is corrupt (%s); quarantined: read it with "
+                          "`orchestrator status %s --raw`", run_id, exc, run_id)
+                store.quarantine(run_id)
+            except StoreUnavailable:
+                raise
+            except Exception:  # one broken run must not stop the sweep of the others
+                log.exception("run %s: sweep failed", run_id)
+        store.purge_expired(s.sweep_batch)
+        return changed
+
+    def sweep_all(self, stores: list[RunStore]) -> int:
+        """Sweep every store; an outage is logged once as one line, and so is the end of it."""
+        try:
+            changed = sum(self.sweep(store) for store in stores)
+        except StoreUnavailable as exc:
+            self._failures += 1
+            if self._failures == 1:
+                log.warning("sweep paused: %s", exc)
+            return 0
+        if self._failures:
+            log.warning("sweep resumed after %d failed pass(es)", self._failures)
+            self._failures = 0
+        return changed
+
+    def _tick(self, store: RunStore, run_id: str, queues: QueueView) -> int:
+        s = self.settings
+        loaded = store.load(run_id)
+        if loaded.record is None:
+            store.set_due(run_id, None)
+            return 0
+        if not self._hosts(loaded.record.workflow):
+            # Another runtime shares this key prefix and hosts it (an embedded runtime
+            # beside a cluster): give the claim back rather than send what it cannot run.
+            store.set_due(run_id, self.committer.due(loaded.record))
+            return 0
+
+        def tick(rec: RunRecord, now: float) -> engine.Event:
+            results = store.branch_results(run_id, rec.fork.token) if rec.fork else {}
+            tasks = [t for t in engine.live_tasks(rec) if t.branch not in results]
+            live = store.live_leases(run_id, [t.lease_id for t in tasks])
+            overdue = [t for t in tasks if t.lease_id not in live and t.dispatched_at is not None
+                       and now - t.dispatched_at >= s.redispatch_after]
+            waiting = {t.lease_id: queues.waiting(run_id, t) for t in overdue}
+            queued = frozenset(lease for lease, found in waiting.items() if found)
+            unknown = {t.queue for t in overdue if waiting[t.lease_id] is None}
+            busy = frozenset(q for q in unknown if queues.busy(q))
+            return engine.Tick(now, live, busy, s.redispatch_after, s.join_after,
+                               float(s.visibility_timeout), results, queued)
+
+        d = self.committer.apply(store, run_id, tick, loaded=loaded)
+        if not d.changed:
+            store.set_due(run_id, self.committer.due(loaded.record))
+        return int(d.changed)
