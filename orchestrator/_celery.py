@@ -20,6 +20,7 @@ from ._definition import Workflow
 from ._dispatch.base import branch_task_name, step_task_name
 from ._dispatch.celery import CeleryDispatcher
 from ._runtime import Runtime
+from ._steward import CatalogHeartbeat
 
 log = logging.getLogger("orchestrator.celery")
 
@@ -42,6 +43,8 @@ def create_app(
             found += find_workflows(importlib.import_module(module))
     for wf in found:
         host(app, wf)
+    # Workers and coordinators announce what they serve, and keep announcing it.
+    app.steps["worker"].add(CatalogHeartbeat)
 
     _log_with_run_context(settings.log_format)
 
