@@ -31,10 +31,16 @@ T = TypeVar("T")
 # Deeper input is refused before it is validated: validators, JSON encoders and the store's
 # Lua JSON decoder all recurse, and would fail far from the caller at ~1,000 levels.
 MAX_INPUT_DEPTH = 200
+# Candidates an ambiguous shortened run id lists (per store asked).
+AMBIGUITY_SHOWN = 10
 
 
 class InvalidInput(ValueError):
     """Input that does not match the workflow's published schema; nothing was enqueued."""
+
+
+class AmbiguousRunId(ValueError):
+    """A shortened run id that starts more than one run id; the message lists some."""
 
 
 class NoLiveWorker(UnknownWorkflow):
@@ -114,12 +120,20 @@ class Client:
 
     @_reachable
     def attach(self, run_id: str, workflow: str | None = None) -> RunHandle:
-        """A handle to a run, found in its workflow's store (every store if not given)."""
+        """A handle to a run, found in its workflow's store (every store if not given).
+        A unique start of a run id will do; AmbiguousRunId if it starts several."""
         prefixes = ([self.workflow(workflow).key_prefix] if workflow
                     else self._prefixes())
         for prefix in prefixes:
             if self.runtime.store_for(prefix).load(run_id).record is not None:
                 return self._handle(run_id, prefix)
+        found = [(rid, prefix) for prefix in prefixes
+                 for rid in self.runtime.store_for(prefix).find_run_ids(run_id, AMBIGUITY_SHOWN)]
+        if len(found) > 1:
+            shown = ", ".join(sorted(f for f, _ in found)[:AMBIGUITY_SHOWN])
+            raise AmbiguousRunId(f"{run_id!r} starts more than one run id: {shown}")
+        if found:
+            return self._handle(*found[0])
         raise RunNotFound(f"no run {run_id!r}")
 
     @_reachable
