@@ -16,6 +16,7 @@ from orchestrator import (
     START,
     Client,
     InvalidInput,
+    RunNotFound,
     RunStatus,
     Settings,
     Steward,
@@ -24,7 +25,7 @@ from orchestrator import (
     Workflow,
 )
 from orchestrator._celery import find_workflows
-from orchestrator._client import NoLiveWorker
+from orchestrator._client import AmbiguousRunId, NoLiveWorker
 from orchestrator._steward import read_catalog, read_cluster_settings
 from tests import flows
 from tests.conftest import Cluster, free_port, wait_for
@@ -180,6 +181,18 @@ def test_input_nested_a_thousand_deep_is_invalid_input(rich_client: Client) -> N
         deep = {"d": deep}
     with pytest.raises(InvalidInput, match="nested deeper than"):
         rich_client.start("Rich", {"name": "a", "count": 1, "meta": deep})
+
+
+def test_attach_takes_a_unique_start_of_a_run_id(rich_client: Client) -> None:
+    for run_id in ("abc-1", "abc-2", "xyz-1"):
+        rich_client.start("Rich", {"name": "a", "count": 1}, run_id=run_id)
+    assert rich_client.attach("xy").run_id == "xyz-1"
+    assert rich_client.attach("abc-2", "Rich").run_id == "abc-2"
+    with pytest.raises(AmbiguousRunId, match="abc-1, abc-2"):
+        rich_client.attach("ab")
+    assert issubclass(AmbiguousRunId, ValueError)
+    with pytest.raises(RunNotFound):
+        rich_client.attach("q")
 
 
 def test_client_reports_redis_down_as_store_unavailable() -> None:
