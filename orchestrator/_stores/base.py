@@ -2,12 +2,22 @@
 
 Every write of a record is a compare-and-set on its version, so two processes deciding
 about the same run at once cannot both win: the loser reloads and decides again.
+
+History is capped, O(1) per append: a store keeps a run's first `history_limit` entries
+and its last `history_limit`. Each stored entry carries its sequence number `n` (0-based,
+given by the store as it appends), so a follower asks for `start = last n + 1` and never
+misses or repeats an entry. Where entries were dropped between the kept head and tail,
+`history()` returns one marker `{"event": "history_trimmed", "dropped": k}` (no `n`).
+
+A finished run (completed, failed, stopped) is kept `retain_seconds`; then all its data
+goes, and `purge_expired` (called by the sweep) removes what still lists it.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +25,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from .._records import BranchResult, RunRecord, RunStatus
+
+TRIMMED = "history_trimmed"
 
 
 class StoreUnavailable(ConnectionError):
     """The store cannot be reached; nothing was written."""
+
+
+class CorruptRecord(Exception):
+    """A run's stored record cannot be read. Not a ValueError: the input was fine."""
+
+    def __init__(self, run_id: str, raw: str, reason: str) -> None:
+        super().__init__(f"run {run_id!r}: stored record is corrupt: {reason}")
+        self.run_id = run_id
+        self.raw = raw
 
 
 @dataclass(frozen=True)
@@ -27,7 +50,13 @@ class Loaded:
     record: RunRecord | None
     version: int
     now: float
-    starts: int = 1  # how often this task started while its lease lived
+    starts: int = 1  # how often this (task, attempt) began, lease expiries included
+
+
+@dataclass(frozen=True)
+class RunPage:
+    records: list[RunRecord]
+    next_cursor: str | None  # None: nothing listed after these
 
 
 class RunStore(abc.ABC):
@@ -44,11 +73,15 @@ class RunStore(abc.ABC):
         """Write a new run; False (and no write) if the run id exists already."""
 
     @abc.abstractmethod
-    def load(self, run_id: str) -> Loaded: ...
+    def load(self, run_id: str) -> Loaded:
+        """The run as stored; CorruptRecord if its record cannot be read."""
 
     @abc.abstractmethod
-    def begin_task(self, run_id: str, task_id: str, lease_ttl: float) -> Loaded:
-        """Load the run and take a lease that says `task_id` is alive on a worker."""
+    def begin_task(self, run_id: str, task_id: str, lease_ttl: float,
+                   attempt: int = 1) -> Loaded:
+        """Load the run and take a lease that says `task_id` is alive on a worker.
+        `starts` counts the times (task_id, attempt) began, whether or not earlier leases
+        lapsed, so a step that kills its worker can be capped. CorruptRecord as `load`."""
 
     @abc.abstractmethod
     def renew_lease(self, run_id: str, task_id: str, lease_ttl: float) -> None: ...
@@ -93,15 +126,50 @@ class RunStore(abc.ABC):
         """Reset a run's timer without touching its record (after a sweep found nothing)."""
 
     @abc.abstractmethod
-    def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]: ...
+    def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
+        """Entries numbered `start` to `end` (inclusive; negative counts from the end, -1
+        the last), a `history_trimmed` marker where dropped ones would be."""
 
-    @abc.abstractmethod
     def list_runs(
         self, status: RunStatus | None = None, workflow: str | None = None, limit: int = 100
-    ) -> list[RunRecord]: ...
+    ) -> list[RunRecord]:
+        """The first page of `page_runs`."""
+        return self.page_runs(status, workflow, limit).records
 
     @abc.abstractmethod
-    def pending_gates(self, approver: str | None = None) -> list[RunRecord]: ...
+    def page_runs(self, status: RunStatus | None = None, workflow: str | None = None,
+                  limit: int = 50, cursor: str | None = None) -> RunPage:
+        """Runs newest first, optionally of one status and/or workflow, `limit` at a time:
+        pass the page's `next_cursor` for the next. Corrupt records are skipped."""
+
+    @abc.abstractmethod
+    def count_runs(self, workflow: str | None = None) -> dict[RunStatus, int]:
+        """How many runs (of `workflow`) are in each status."""
+
+    @abc.abstractmethod
+    def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Run ids starting with `prefix`, in order (quarantined runs included)."""
+
+    @abc.abstractmethod
+    def pending_gates(self, approver: str | None = None) -> list[RunRecord]:
+        """Runs waiting at a gate (for `approver`); corrupt records are skipped."""
+
+    @abc.abstractmethod
+    def purge_expired(self, limit: int = 500) -> int:
+        """Forget up to `limit` runs whose retention ended (their index entries, and in
+        stores without TTLs their data): how many were purged."""
+
+    @abc.abstractmethod
+    def quarantine(self, run_id: str) -> None:
+        """Take a run with a corrupt record out of the timers and listings, into
+        `corrupt_runs`. Its data stays for inspection (`raw`)."""
+
+    @abc.abstractmethod
+    def corrupt_runs(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def raw(self, run_id: str) -> dict[str, str] | None:
+        """The run's stored fields as text, readable when its record is not."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -160,6 +228,38 @@ class _Heartbeat:
                 # A missed beat only risks a harmless redispatch.
                 with contextlib.suppress(Exception):
                     self._store.renew_lease(run_id, task_id, ttl)
+
+
+def parse_record(run_id: str, doc: str | bytes) -> RunRecord:
+    try:
+        return RunRecord.model_validate_json(doc)
+    except ValidationError as exc:
+        text = doc.decode(errors="replace") if isinstance(doc, bytes) else doc
+        reason = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+        raise CorruptRecord(run_id, text, reason) from None
+
+
+def entry_json(entry: dict[str, Any]) -> str:
+    """An entry as stored, before the store numbers it: its `n` is the store's to give."""
+    return json.dumps({k: v for k, v in entry.items() if k != "n"})
+
+
+def encode_cursor(last: RunRecord) -> str:
+    """The cursor of the page after `last`, which listings order by (created_at, run_id)."""
+    return f"{last.created_at!r}:{last.run_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        at, run_id = cursor.split(":", 1)
+        return float(at), run_id
+    except ValueError:
+        raise ValueError(f"not a cursor of page_runs: {cursor!r}") from None
+
+
+def check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
 
 
 def closed_fork(previous: RunRecord, record: RunRecord) -> int | None:
