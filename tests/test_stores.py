@@ -155,6 +155,8 @@ def test_branch_results_are_kept_once_per_open_fork(store: RunStore) -> None:
     assert store.commit(d.record, 2, stopped.record, stopped.history, None)
     assert store.branch_results("r1", token) == {}  # dropped with the fork
     assert store.record_branch("r1", token, "x", result, entry, "2:x", 2, 1.0) is None
+    numbers = [e["n"] for e in store.history("r1")]  # created, committed, branches, stopped
+    assert numbers == list(range(len(numbers))) and len(numbers) > 4
 
 
 def test_notes_append_without_touching_the_record(store: RunStore) -> None:
