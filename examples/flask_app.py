@@ -6,6 +6,10 @@ workflow code: it only knows the workflow's name from the catalog.
          -d '{"repo": "acme/app", "environment": "production"}'
     curl localhost:5000/deploys/<run_id>
     curl -XPOST localhost:5000/deploys/<run_id>/approve -d '{"as": "ops-lead"}' ...
+
+Every error is JSON: 404 no such deploy, 422 a body that is not what the endpoint takes,
+403 not an approver, 409 a decision on a run no longer waiting for one, 503 no live worker
+or Redis unreachable.
 """
 
 from __future__ import annotations
@@ -14,43 +18,65 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 
-from orchestrator import Client, ControlError, InvalidInput, RunNotFound, UnknownWorkflow
+from orchestrator import (
+    Client,
+    ControlError,
+    InvalidInput,
+    RunNotFound,
+    StoreUnavailable,
+    UnknownWorkflow,
+)
+
+WORKFLOW = "BuildAndDeploy"
+
+# Flask picks the handler of the nearest class in an exception's MRO, so order is free.
+ERRORS: dict[type[Exception], int] = {
+    RunNotFound: 404,
+    InvalidInput: 422,
+    PermissionError: 403,  # the engine's "not an approver of this gate"
+    ControlError: 409,
+    UnknownWorkflow: 503,  # NoLiveWorker included: nobody would run it now
+    StoreUnavailable: 503,
+}
 
 
 def create_app(client: Client | None = None) -> Flask:
     app = Flask(__name__)
     orchestrator = client or Client()
 
+    def error(exc: Exception) -> Any:
+        return jsonify(error=str(exc)), ERRORS[next(c for c in type(exc).__mro__
+                                                     if c in ERRORS)]
+
+    for kind in ERRORS:
+        app.register_error_handler(kind, error)
+
+    def body() -> dict[str, Any]:
+        data = request.get_json(force=True, silent=True)
+        if not isinstance(data, dict):
+            raise InvalidInput("the body must be a JSON object")
+        return data
+
     @app.post("/deploys")
     def start() -> Any:
-        try:
-            run = orchestrator.start("BuildAndDeploy", request.get_json(force=True))
-        except InvalidInput as exc:
-            return jsonify(error=str(exc)), 422
-        except UnknownWorkflow as exc:
-            return jsonify(error=str(exc)), 503
+        run = orchestrator.start(WORKFLOW, body())
         return jsonify(run_id=run.run_id), 202
 
     @app.get("/deploys/<run_id>")
     def status(run_id: str) -> Any:
-        try:
-            rec = orchestrator.attach(run_id, "BuildAndDeploy").record()
-        except RunNotFound:
-            return jsonify(error=f"no deploy {run_id}"), 404
+        rec = orchestrator.attach(run_id, WORKFLOW).record()
         gate = rec.gate.model_dump(include={"step", "approvers", "prompt"}) if rec.gate else None
         return jsonify(run_id=rec.run_id, status=rec.status.value, step=rec.current_step,
                        state=rec.state, gate=gate, error=str(rec.error) if rec.error else None)
 
     @app.post("/deploys/<run_id>/approve")
     def approve(run_id: str) -> Any:
-        body = request.get_json(force=True)
-        try:
-            orchestrator.attach(run_id, "BuildAndDeploy").approve(by=body["as"],
-                                                                  comment=body.get("comment"))
-        except PermissionError as exc:
-            return jsonify(error=str(exc)), 403
-        except ControlError as exc:
-            return jsonify(error=str(exc)), 409
-        return jsonify(run_id=run_id), 200
+        decision = body()
+        who = decision.get("as")
+        if not isinstance(who, str) or not who:
+            raise InvalidInput('say who approves: {"as": "<user>"}')
+        run = orchestrator.attach(run_id, WORKFLOW)
+        run.approve(by=who, comment=decision.get("comment"))
+        return jsonify(run_id=run.run_id), 200
 
     return app

@@ -7,7 +7,7 @@ Everything public is exported here; modules starting with `_` are internal.
 
 from ._agents import EchoAgent
 from ._celery import OrchestratorApp, create_app
-from ._client import Client, InvalidInput
+from ._client import AmbiguousRunId, Client, InvalidInput, NoLiveWorker
 from ._config import Settings
 from ._definition import (
     END,
@@ -71,6 +71,8 @@ __all__ = [
     # errors
     "ControlError",
     "InvalidInput",
+    "AmbiguousRunId",
+    "NoLiveWorker",
     "RunNotFound",
     "StoreUnavailable",
     "UnknownWorkflow",

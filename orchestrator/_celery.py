@@ -23,6 +23,7 @@ from ._dispatch.celery import CeleryDispatcher
 from ._middleware import Middleware
 from ._records import RunError
 from ._runtime import Runtime
+from ._steward import CatalogHeartbeat
 
 log = logging.getLogger("orchestrator.celery")
 
@@ -85,6 +86,8 @@ def create_app(
             found += find_workflows(importlib.import_module(module))
     for wf in found:
         app.host(wf)
+    # Workers and coordinators announce what they serve, and keep announcing it.
+    app.steps["worker"].add(CatalogHeartbeat)
     return app
 
 

@@ -7,9 +7,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jsonschema
+import redis
 from celery import Celery
 
 from ._config import Settings, celery_config
@@ -17,12 +22,43 @@ from ._dispatch.celery import CeleryDispatcher
 from ._records import RunRecord, RunStatus
 from ._runner import RunHandle
 from ._runtime import RunNotFound, Runtime, UnknownWorkflow
-from ._steward import CatalogEntry, read_catalog
+from ._steward import CatalogEntry, ClusterView
+from ._stores import StoreUnavailable
 from ._stores.redis import connect
+
+T = TypeVar("T")
+
+# Deeper input is refused before it is validated: validators, JSON encoders and the store's
+# Lua JSON decoder all recurse, and would fail far from the caller at ~1,000 levels.
+MAX_INPUT_DEPTH = 200
+# Candidates an ambiguous shortened run id lists (per store asked).
+AMBIGUITY_SHOWN = 10
 
 
 class InvalidInput(ValueError):
     """Input that does not match the workflow's published schema; nothing was enqueued."""
+
+
+class AmbiguousRunId(ValueError):
+    """A shortened run id that starts more than one run id; the message lists some."""
+
+
+class NoLiveWorker(UnknownWorkflow):
+    """The workflow is in the catalog but no live worker executes it: a start would wait
+    in a queue nobody reads. `Client.start(..., queue_anyway=True)` enqueues it anyway."""
+
+
+def _reachable(fn: Callable[..., T]) -> Callable[..., T]:
+    """Redis being down is StoreUnavailable here too, as it is for a handle's reads."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Client, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    return wrapper
 
 
 class Client:
@@ -41,42 +77,67 @@ class Client:
 
     # ---- the catalog -------------------------------------------------------------------
 
+    @_reachable
     def workflows(self) -> list[CatalogEntry]:
-        return sorted(read_catalog(self.redis).values(), key=lambda e: e.name)
+        """Every published workflow; `hosts` lists the live workers executing it."""
+        return sorted(self._view().entries.values(), key=lambda e: e.name)
 
+    @_reachable
     def workflow(self, name: str) -> CatalogEntry:
-        catalog = read_catalog(self.redis)
-        if name not in catalog:
-            raise UnknownWorkflow(
-                f"no worker serves a workflow named {name!r}; published: {sorted(catalog)}")
-        return catalog[name]
+        return self._entry(self._view(), name)
+
+    def _view(self) -> ClusterView:
+        return ClusterView.read(self.redis, self.settings.key_prefix)
+
+    @staticmethod
+    def _entry(view: ClusterView, name: str) -> CatalogEntry:
+        if name not in view.entries:
+            raise UnknownWorkflow(f"no worker has published a workflow named {name!r}; "
+                                  f"published: {sorted(view.entries)}")
+        return view.entries[name]
 
     # ---- runs ------------------------------------------------------------------------
 
+    @_reachable
     def start(self, name: str, input: dict[str, Any] | None = None, *,
-              run_id: str | None = None) -> RunHandle:
-        """Validate against the published schema, then enqueue. Same run id: same run."""
-        entry = self.workflow(name)
-        data = input or {}
-        errors = sorted(jsonschema.Draft202012Validator(entry.input_schema).iter_errors(data),
-                        key=lambda e: list(e.path))
-        if errors:
-            detail = "; ".join(f"{'.'.join(map(str, e.path)) or 'input'}: {e.message}"
-                               for e in errors)
-            raise InvalidInput(f"invalid input for {name}: {detail}")
+              run_id: str | None = None, queue_anyway: bool = False) -> RunHandle:
+        """Validate against the published schema, normalise as the workflow's model would,
+        then enqueue. Same run id: same run. NoLiveWorker when no live worker executes the
+        workflow, unless `queue_anyway` (it then waits in its queue for one)."""
+        view = self._view()
+        entry = self._entry(view, name)
+        if not entry.hosts and not queue_anyway:
+            raise NoLiveWorker(
+                f"no live worker hosts {name!r}: none has renewed its catalog lease in the "
+                f"last {self.settings.catalog_ttl:g}s (pass queue_anyway=True to enqueue it "
+                f"anyway)")
+        data = normalise(entry.input_schema, _checked(name, entry.input_schema, input or {}))
+        # The first timers of the run must be the cluster's, not this app's defaults.
+        cluster: dict[str, Any] = view.cluster_settings() or {}
+        self.runtime.settings = dataclasses.replace(self.settings, **cluster)
         run_id, _ = self.runtime.start_spec(entry.spec(), entry.key_prefix, data,
                                             dict(entry.initial_state), run_id)
         return self._handle(run_id, entry.key_prefix)
 
+    @_reachable
     def attach(self, run_id: str, workflow: str | None = None) -> RunHandle:
-        """A handle to a run, found in its workflow's store (every store if not given)."""
+        """A handle to a run, found in its workflow's store (every store if not given).
+        A unique start of a run id will do; AmbiguousRunId if it starts several."""
         prefixes = ([self.workflow(workflow).key_prefix] if workflow
                     else self._prefixes())
         for prefix in prefixes:
             if self.runtime.store_for(prefix).load(run_id).record is not None:
                 return self._handle(run_id, prefix)
+        found = [(rid, prefix) for prefix in prefixes
+                 for rid in self.runtime.store_for(prefix).find_run_ids(run_id, AMBIGUITY_SHOWN)]
+        if len(found) > 1:
+            shown = ", ".join(sorted(f for f, _ in found)[:AMBIGUITY_SHOWN])
+            raise AmbiguousRunId(f"{run_id!r} starts more than one run id: {shown}")
+        if found:
+            return self._handle(*found[0])
         raise RunNotFound(f"no run {run_id!r}")
 
+    @_reachable
     def runs(self, status: RunStatus | None = None, workflow: str | None = None,
              limit: int = 100) -> list[RunRecord]:
         found: list[RunRecord] = []
@@ -84,6 +145,7 @@ class Client:
             found += self.runtime.store_for(prefix).list_runs(status, workflow, limit)
         return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
 
+    @_reachable
     def gates(self, approver: str | None = None) -> list[RunRecord]:
         found: list[RunRecord] = []
         for prefix in self._prefixes():
@@ -96,3 +158,102 @@ class Client:
 
     def _handle(self, run_id: str, prefix: str) -> RunHandle:
         return RunHandle(run_id, self.runtime, self.runtime.store_for(prefix))
+
+
+def _checked(name: str, schema: dict[str, Any], data: Any) -> Any:
+    if _depth(data) > MAX_INPUT_DEPTH:
+        raise InvalidInput(f"invalid input for {name}: nested deeper than "
+                           f"{MAX_INPUT_DEPTH} levels")
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
+                    key=lambda e: list(e.path))
+    if errors:
+        detail = "; ".join(f"{'.'.join(map(str, e.path)) or 'input'}: {e.message}"
+                           for e in errors)
+        raise InvalidInput(f"invalid input for {name}: {detail}")
+    return data
+
+
+def _depth(data: Any) -> int:
+    """How deep lists and objects nest, without recursing (the point is deep input)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_INPUT_DEPTH:
+                break
+            items = value.values() if isinstance(value, dict) else value
+            stack += [(v, depth + 1) for v in items]
+    return deepest
+
+
+def normalise(schema: dict[str, Any], data: Any) -> Any:
+    """`data` (valid against `schema`, a pydantic model's JSON schema) as the model would
+    store it: defaults filled, unknown keys dropped unless the schema allows them, integral
+    floats as ints where it says integer. Defaults made by a `default_factory` are not in
+    the schema, so the workflow's model fills those when the step reads its input."""
+    return _Normaliser(schema).value(schema, data)
+
+
+class _Normaliser:
+    def __init__(self, root: dict[str, Any]) -> None:
+        self.root = root
+        self.validator = jsonschema.Draft202012Validator(root)
+
+    def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """Follow local `$ref`s; keywords beside a `$ref` (pydantic puts `default` there)
+        still apply."""
+        while "$ref" in schema:
+            target: Any = self.root
+            for part in schema["$ref"].removeprefix("#/").split("/"):
+                target = target[part.replace("~1", "/").replace("~0", "~")]
+            schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return schema
+
+    def value(self, schema: dict[str, Any], data: Any) -> Any:
+        schema = self.resolve(schema)
+        for keyword in ("anyOf", "oneOf"):
+            if keyword in schema:  # the first alternative that accepts it, as pydantic's
+                for option in schema[keyword]:  # smart unions do for these plain types
+                    if self.validator.evolve(schema=option).is_valid(data):
+                        return self.value(option, data)
+                return data
+        for part in schema.get("allOf", ()):
+            data = self.value(part, data)
+        if isinstance(data, dict):
+            return self.object(schema, data)
+        if isinstance(data, list):
+            return self.array(schema, data)
+        if isinstance(data, float) and data.is_integer() and "integer" in _types(schema):
+            return int(data)
+        return data
+
+    def object(self, schema: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        properties: dict[str, Any] = schema.get("properties", {})
+        # A model's schema omits additionalProperties when pydantic ignores extra keys.
+        extra = schema.get("additionalProperties", "properties" not in schema)
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in properties:
+                out[key] = self.value(properties[key], value)
+            elif isinstance(extra, dict):
+                out[key] = self.value(extra, value)
+            elif extra is True:
+                out[key] = value
+        for key, option in properties.items():
+            option = self.resolve(option)
+            if key not in out and "default" in option:
+                out[key] = copy.deepcopy(option["default"])
+        return out
+
+    def array(self, schema: dict[str, Any], data: list[Any]) -> list[Any]:
+        positional: list[dict[str, Any]] = schema.get("prefixItems", [])
+        rest = schema.get("items")
+        return [self.value(positional[i], v) if i < len(positional)
+                else self.value(rest, v) if isinstance(rest, dict) else v
+                for i, v in enumerate(data)]
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type", ())
+    return {kind} if isinstance(kind, str) else set(kind)

@@ -33,13 +33,15 @@ class Settings:
     result_expires: int = 3600
     retain_seconds: int = 7 * 24 * 3600
     max_payload: int = 1024 * 1024
+    history_limit: int = 1000  # a run keeps its first and last this many history entries
+    catalog_ttl: float = 30.0  # a host leaves the catalog this long after its last heartbeat
     log_format: str = "text"  # or "json": one JSON object a line
     task_events: bool = False  # send task events from the start, not only while Flower runs
 
     def __post_init__(self) -> None:
         positive = ("lease_ttl", "redispatch_after", "join_after", "sweep_interval",
                     "sweep_batch", "visibility_timeout", "result_expires", "retain_seconds",
-                    "max_payload")
+                    "max_payload", "history_limit", "catalog_ttl")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ORCHESTRATOR_{name.upper()} must be positive, "

@@ -31,8 +31,10 @@ def embedded_runtime(settings: Settings | None = None,
         hosted = [wf for wf in runtime.workflows.values()
                   if wf.persistence_options.key_prefix == prefix]
         if any(wf.persistence_options.store == "redis" for wf in hosted):
-            return RedisStore(settings.redis_url, prefix, settings.retain_seconds)
-        return memory.setdefault(prefix, MemoryStore(prefix))
+            return RedisStore(settings.redis_url, prefix, settings.retain_seconds,
+                              history_limit=settings.history_limit)
+        return memory.setdefault(prefix, MemoryStore(prefix, settings.retain_seconds,
+                                                     settings.history_limit))
 
     dispatcher = LocalDispatcher()
     runtime = Runtime(dispatcher, settings, store_factory=store_for, middleware=middleware)

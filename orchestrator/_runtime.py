@@ -22,7 +22,7 @@ from ._dispatch.base import Dispatcher
 from ._middleware import Hooks, Middleware
 from ._records import FlowSpec
 from ._registry import Registry, UnknownWorkflow
-from ._stores import Loaded, MemoryStore, RedisStore, RunStore
+from ._stores import Loaded, RedisStore, RunStore
 from ._sweeper import Sweeper
 from ._worker import Outcome, WorkerExecution
 
@@ -38,16 +38,25 @@ class Runtime:
         store_factory: Callable[[str], RunStore] | None = None,
         middleware: Iterable[Middleware] = (),
     ) -> None:
-        self.settings = settings or Settings()
         self.dispatcher = dispatcher
         self.registry = Registry()
-        self.committer = Committer(self.registry, dispatcher, self.settings, Hooks(middleware))
+        self.committer = Committer(self.registry, dispatcher, settings or Settings(),
+                                   Hooks(middleware))
         self.worker = WorkerExecution(self.committer)
         self.sweeper = Sweeper(self.committer, lambda name: name in self.registry.workflows)
         self._stores: dict[str, RunStore] = {}
         self._store_factory = store_factory or self._redis_store
         for wf in workflows:
             self.register(wf)
+
+    @property
+    def settings(self) -> Settings:
+        return self.committer.settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """A Client adopts the cluster's recovery timers once it has read them."""
+        self.committer.settings = settings
 
     # ---- what is hosted here, and where it is stored -----------------------------------
 
@@ -75,7 +84,8 @@ class Runtime:
         return [self.store_for(prefix) for prefix in self.registry.key_prefixes()]
 
     def _redis_store(self, prefix: str) -> RunStore:
-        return RedisStore(self.settings.redis_url, prefix, self.settings.retain_seconds)
+        s = self.settings
+        return RedisStore(s.redis_url, prefix, s.retain_seconds, history_limit=s.history_limit)
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -131,11 +141,3 @@ class Runtime:
             store.close()
 
 
-def memory_runtime(dispatcher: Dispatcher, settings: Settings | None = None,
-                   middleware: Iterable[Middleware] = ()) -> Runtime:
-    stores: dict[str, MemoryStore] = {}
-
-    def factory(prefix: str) -> RunStore:
-        return stores.setdefault(prefix, MemoryStore(prefix))
-
-    return Runtime(dispatcher, settings, store_factory=factory, middleware=middleware)

@@ -46,13 +46,12 @@ class QueueView:
 class Sweeper:
     def __init__(self, committer: Committer, hosts: Callable[[str], bool]) -> None:
         self.committer = committer
-        self.settings = committer.settings
         self._hosts = hosts
         self._failures = 0
 
     def sweep(self, store: RunStore, limit: int | None = None) -> int:
         """One pass over runs whose timer is due. Returns how many runs changed."""
-        s = self.settings
+        s = self.committer.settings
         changed = 0
         queues = QueueView(self.committer.dispatcher)
         for run_id in store.claim_due(limit or s.sweep_batch, s.redispatch_after):
@@ -84,7 +83,7 @@ class Sweeper:
         return changed
 
     def _tick(self, store: RunStore, run_id: str, queues: QueueView) -> int:
-        s = self.settings
+        s = self.committer.settings
         loaded = store.load(run_id)
         if loaded.record is None:
             store.set_due(run_id, None)

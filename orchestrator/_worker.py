@@ -34,7 +34,6 @@ class Outcome:
 class WorkerExecution:
     def __init__(self, committer: Committer) -> None:
         self.committer = committer
-        self.settings = committer.settings
         self.hooks = committer.hooks
         self._leases: dict[int, LeaseKeeper] = {}
 
@@ -49,7 +48,7 @@ class WorkerExecution:
         if join is not None and not self._join_into(wf, store, run_id, join, token):
             return Outcome("skipped")
         lease_id = f"{token}" if branch is None else f"{token}:{branch}"
-        began = store.begin_task(run_id, lease_id, self.settings.lease_ttl, attempt)
+        began = store.begin_task(run_id, lease_id, self.committer.settings.lease_ttl, attempt)
         rec = began.record
         if rec is None or not engine.expects(rec, token, branch):
             log.info("run %s: token %s%s is no longer expected; skipped", run_id, token,
@@ -90,9 +89,9 @@ class WorkerExecution:
             self.hooks.call("before_step", rec, task)
         started = time.monotonic()
         with (run_context(rec.run_id, task.where),
-              self._keeper(store).hold(rec.run_id, lease_id, self.settings.lease_ttl)):
+              self._keeper(store).hold(rec.run_id, lease_id, self.committer.settings.lease_ttl)):
             log.info("step started, attempt %s", task.attempt)
-            event = run_task(wf, rec, task, max_payload=self.settings.max_payload,
+            event = run_task(wf, rec, task, max_payload=self.committer.settings.max_payload,
                              on_checkpoint=checkpoint)
             log.info("step %s", "finished" if isinstance(event, engine.StepDone) else
                      f"failed: {event.error.type}: {event.error.message}")
@@ -138,7 +137,7 @@ class WorkerExecution:
         assert isinstance(event, engine.StepDone)
         kept = store.record_branch(rec.run_id, event.token, event.branch, verdict.result,
                                    verdict.entry, lease_id, verdict.width,
-                                   event.now + self.settings.join_after)
+                                   event.now + self.committer.settings.join_after)
         for note in event.notes:
             store.note(rec.run_id, {"at": event.now, **note})
         if kept is None:

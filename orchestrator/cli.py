@@ -1,8 +1,16 @@
 """The `orchestrator` command line.
 
-Exit codes: 0 ok; 1 the run failed or was stopped; 2 bad usage or input; 3 not found;
-4 not allowed (not an approver); 5 Redis or the broker unreachable; 6 timed out;
-7 the run waits at a gate nobody here may decide.
+Exit codes, one table for every command (EXIT_CODES below, most specific first):
+0 ok; 1 the run failed or was stopped; 2 bad usage or input; 3 not found; 4 not allowed
+(not an approver); 5 Redis or the broker unreachable; 6 timed out; 7 the run waits at a
+gate nobody here may decide.
+
+One rule for `run`, `watch` and `status`: exit 1 when the run failed or was stopped, 0
+otherwise (a run still going, parked at a gate or paused is not a failure).
+
+Everything a user or a workflow wrote (ids, reasons, comments, errors, prompts) is printed
+as text, never as Rich markup, with control characters made visible, so a comment cannot
+restyle or clear the terminal.
 """
 
 from __future__ import annotations
@@ -10,9 +18,11 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
+import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -20,21 +30,20 @@ import kombu.exceptions
 import redis
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import _graph
 from ._celery import Sweeper, create_app
-from ._client import Client
+from ._client import MAX_INPUT_DEPTH, Client
 from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
 from ._dev import dev
 from ._engine import ControlError
-from ._records import RunRecord, RunStatus
+from ._records import Gate, RunRecord, RunStatus
 from ._runner import RunHandle, WorkflowRunner
 from ._runtime import RunNotFound, UnknownWorkflow
-from ._steward import publish
 from ._stores import StoreUnavailable
-from ._stores.redis import connect
 
 EXIT_RUN_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN = 1, 2, 3, 4
 EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_WAITING = 5, 6, 7
@@ -43,33 +52,79 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+class RunEnded(Exception):
+    """The run failed or was stopped (exit 1); what happened is already on stdout."""
+
+
+class AtGate(Exception):
+    """The run waits at a gate and nobody here may decide it (exit 7)."""
+
+
+class BadInput(ValueError):
+    """An option's value the command cannot use (exit 2)."""
+
+
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+
+# Most specific first: TimeoutError and PermissionError are OSErrors, and OSError further
+# down means the network; pydantic's ValidationError and InvalidInput are ValueErrors.
+EXIT_CODES: Sequence[tuple[ExceptionTypes, int]] = (
+    (RunEnded, EXIT_RUN_FAILED),
+    (AtGate, EXIT_WAITING),
+    (TimeoutError, EXIT_TIMEOUT),
+    (PermissionError, EXIT_FORBIDDEN),
+    ((RunNotFound, UnknownWorkflow), EXIT_NOT_FOUND),
+    ((ValueError, ControlError), EXIT_USAGE),
+    ((StoreUnavailable, ConnectionError, OSError, redis.RedisError,
+      kombu.exceptions.OperationalError), EXIT_UNREACHABLE),
+)
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code EXIT_CODES gives `exc`; None for an error nobody expected (a bug)."""
+    return next((code for kinds, code in EXIT_CODES if isinstance(exc, kinds)), None)
+
+
+def _message(exc: BaseException, code: int) -> str:
+    if code == EXIT_UNREACHABLE:
+        return f"cannot reach Redis or the broker: {exc}"
+    if code == EXIT_TIMEOUT:
+        return f"timed out: {exc}"
+    if isinstance(exc, ValidationError):
+        return f"invalid input: {_one_line(exc)}"
+    if isinstance(exc, LookupError) and exc.args:  # str() of a KeyError adds quotes
+        return str(exc.args[0])
+    return str(exc)
+
+
+def _fail(message: str, code: int, *, at_once: bool = False) -> NoReturn:
+    if message:
+        err.print(f"[red]error:[/red] {_t(message)}")
+    if at_once:
+        # An embedded run's pool threads are not daemons: a normal exit would wait for
+        # the step in flight (and print its "cannot schedule new futures" on the way).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
+def _call(fn: Callable[..., Any], args: Any, kwargs: Any, *, at_once: bool = False) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        _fail("" if isinstance(exc, RunEnded) else _message(exc, code), code, at_once=at_once)
+
+
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Known errors become one clear line and a meaningful exit code."""
+    """Known errors become one clear line and the exit code EXIT_CODES gives them."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ValidationError as exc:
-            _fail(f"invalid input: {_one_line(exc)}", EXIT_USAGE)
-        except ValueError as exc:  # bad definitions, input, JSON, sizes: all the caller's
-            _fail(str(exc), EXIT_USAGE)
-        except (RunNotFound, UnknownWorkflow) as exc:
-            _fail(str(exc.args[0] if exc.args else exc), EXIT_NOT_FOUND)
-        except PermissionError as exc:
-            _fail(str(exc), EXIT_FORBIDDEN)
-        except ControlError as exc:
-            _fail(str(exc), EXIT_USAGE)
-        except (StoreUnavailable, ConnectionError, OSError, redis.RedisError,
-                kombu.exceptions.OperationalError) as exc:
-            _fail(f"cannot reach Redis or the broker: {exc}", EXIT_UNREACHABLE)
-        except TimeoutError as exc:
-            _fail(str(exc), EXIT_TIMEOUT)
+        return _call(fn, args, kwargs)
 
     return wrapper
 
@@ -79,8 +134,36 @@ def _one_line(exc: ValidationError) -> str:
                      for e in exc.errors())
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _t(value: Any) -> str:
+    """User text, safe to put in markup: control characters shown as escapes
+    (\\x1b, \\r, \\n), and square brackets escaped so they print as themselves."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+    return escape(text)
+
+
 def _emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _end(status: RunStatus) -> None:
+    """The one rule for run, watch and status."""
+    if status in (RunStatus.FAILED, RunStatus.STOPPED):
+        raise RunEnded
+
+
+def _table(columns: Sequence[str], rows: list[list[str]], whole: Sequence[str] = ()) -> Table:
+    """A table that never cuts a value: the `whole` columns (ids, to copy) keep one line,
+    the others fold; every cell is user text."""
+    table = Table()
+    for i, name in enumerate(columns):
+        width = max((len(r[i]) for r in rows), default=0) if name in whole else None
+        table.add_column(name, min_width=width, no_wrap=name in whole, overflow="fold")
+    for row in rows:
+        table.add_row(*map(_t, row))
+    return table
 
 
 @click.group()
@@ -94,6 +177,10 @@ def _emit(data: Any) -> None:
 def cli(ctx: click.Context, redis_url: str | None, broker_url: str | None,
         workflows: str | None) -> None:
     """Durable workflows on Celery and Redis."""
+    # As `celery -A` does: `orchestrator run mymodule:flow` finds mymodule.py in the
+    # current directory, also when started through the console script.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     overrides: dict[str, Any] = {"redis_url": redis_url, "broker_url": broker_url}
     if workflows:
         overrides["workflows"] = tuple(w.strip() for w in workflows.split(",") if w.strip())
@@ -128,27 +215,69 @@ def load_workflow(target: str) -> Workflow:
     return obj
 
 
+def parse_input(text: str) -> dict[str, Any]:
+    """--input's JSON object, or BadInput naming --input. Input nested deeper than the
+    Client accepts is refused here too (embedded runs included): the JSON parser, pydantic
+    and the store all recurse, and their RecursionError would read as a crash."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"--input is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadInput(f"--input nests deeper than {MAX_INPUT_DEPTH} levels") from None
+    if not isinstance(data, dict):
+        raise BadInput("--input must be a JSON object")
+    if _depth(data) > MAX_INPUT_DEPTH:
+        raise BadInput(f"--input nests deeper than {MAX_INPUT_DEPTH} levels")
+    return data
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON nests, without recursing (the point is to refuse what would)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack += [(v, depth + 1) for v in (node.values() if isinstance(node, dict)
+                                                else node)]
+    return deepest
+
+
 @cli.command()
 @click.argument("target")
 @click.option("--input", "input_json", default="{}", help="The run's input as JSON.")
 @click.option("--run-id", default=None, help="Start with this id (starting it twice is one run).")
 @click.option("--remote", is_flag=True,
               help="Enqueue on the cluster (TARGET may then be a catalog name).")
+@click.option("--queue-anyway", is_flag=True,
+              help="With --remote: enqueue even if no live worker hosts the workflow (it "
+                   "waits in its queue for one).")
 @click.option("--wait/--no-wait", default=True, help="Wait for the run to end.")
 @click.option("--approve-as", default=None, help="Approve any gate as this user (for scripts).")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many s.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-@_guard
 def run(settings: Settings, target: str, input_json: str, run_id: str | None, remote: bool,
-        wait: bool, approve_as: str | None, timeout: float | None, as_json: bool) -> None:
+        queue_anyway: bool, wait: bool, approve_as: str | None, timeout: float | None,
+        as_json: bool) -> None:
     """Run a workflow. Embedded by default: TARGET is module:attribute, run in this process
     with no server. With --remote: enqueue on the cluster."""
-    data = json.loads(input_json)
-    if not isinstance(data, dict):
-        raise DefinitionError("--input must be a JSON object")
+    # An embedded run lives in this process's memory: whatever ends the command ends the
+    # run, so it leaves at once rather than waiting for the step in flight.
+    _call(_run, (settings, target, input_json, run_id, remote, queue_anyway, wait, approve_as,
+                 timeout, as_json), {}, at_once=not remote)
+
+
+def _run(settings: Settings, target: str, input_json: str, run_id: str | None, remote: bool,
+         queue_anyway: bool, wait: bool, approve_as: str | None, timeout: float | None,
+         as_json: bool) -> None:
+    data = parse_input(input_json)
+    if queue_anyway and not remote:
+        raise BadInput("--queue-anyway goes with --remote")
     if remote and ":" not in target:
-        handle = _client(settings).start(target, data, run_id=run_id)
+        handle = _client(settings).start(target, data, run_id=run_id,
+                                         queue_anyway=queue_anyway)
         name = target
     else:
         wf = load_workflow(target)
@@ -156,37 +285,38 @@ def run(settings: Settings, target: str, input_json: str, run_id: str | None, re
         handle = WorkflowRunner(wf, app=app).run(data, run_id=run_id)
         name = wf.name
     if not wait:
-        _emit({"run_id": handle.run_id}) if as_json else out.print(handle.run_id)
+        _emit({"run_id": handle.run_id}) if as_json else out.print(_t(handle.run_id))
         return
     if not as_json:
-        out.print(f"[bold]{name}[/bold] run [cyan]{handle.run_id}[/cyan]")
+        out.print(f"[bold]{_t(name)}[/bold] run [cyan]{_t(handle.run_id)}[/cyan]")
     _drive(handle, approve_as, timeout, quiet=as_json, interactive=not remote)
     result = handle.result(timeout=0.001 if timeout else None)
     if as_json:
         _emit(result.model_dump(mode="json"))
     else:
         _print_result(result.model_dump(mode="json"))
-    if result.status is not RunStatus.COMPLETED:
-        sys.exit(EXIT_RUN_FAILED)
+    _end(result.status)
 
 
 def _drive(handle: RunHandle, approve_as: str | None, timeout: float | None, quiet: bool,
            interactive: bool) -> None:
     """Print progress until the run ends, deciding gates as asked."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    decided: set[int] = set()
+    # A gate is asked about again once it has more approvals (min_approvals > 1).
+    decided: set[tuple[int, int]] = set()
     for entry, rec in _progress(handle):
         if entry is not None and not quiet:
             out.print(_describe(entry))
-        if rec is not None and rec.gate is not None and rec.gate.token not in decided:
-            decided.add(rec.gate.token)
+        gate = rec.gate if rec is not None else None
+        if gate is not None and (gate.token, len(gate.approvals)) not in decided:
+            decided.add((gate.token, len(gate.approvals)))
             if approve_as is not None:
                 handle.approve(by=approve_as, comment="approved from the command line")
             elif interactive and sys.stdin.isatty():
-                _ask(handle, rec)
+                ask(handle, gate)
             elif interactive:
-                _fail(f"run {handle.run_id} waits at {rec.gate.step!r} for "
-                      f"{rec.gate.approvers}; pass --approve-as USER", EXIT_WAITING)
+                raise AtGate(f"run {handle.run_id} waits at {gate.step!r} for "
+                             f"{gate.approvers}; pass --approve-as USER")
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"run {handle.run_id} did not finish within {timeout}s")
 
@@ -212,18 +342,21 @@ def _progress(handle: RunHandle) -> Iterator[tuple[dict[str, Any] | None, RunRec
         wait = min(wait * 1.5, 0.5)
 
 
-def _ask(handle: RunHandle, rec: RunRecord) -> None:
-    gate = rec.gate
-    assert gate is not None
-    out.print(f"[yellow]? {gate.step} waits for approval[/yellow] "
-              f"(approvers: {', '.join(gate.approvers)})")
+def ask(handle: RunHandle, gate: Gate,
+        prompt: Callable[..., Any] = click.prompt) -> None:
+    """Decide a gate on the terminal. A name that may not decide it is asked again: the
+    run lives in this process, and refusing would end it."""
+    out.print(f"[yellow]? {_t(gate.step)} waits for approval[/yellow] "
+              f"(approvers: {_t(', '.join(gate.approvers))})")
     if gate.prompt:
-        out.print(f"  {gate.prompt}")
+        out.print(f"  {_t(gate.prompt)}")
     if gate.payload:
         out.print_json(json.dumps(gate.payload))
-    choice = click.prompt("  approve or reject", type=click.Choice(["approve", "reject"]))
-    who = click.prompt("  as", default=gate.approvers[0])
-    note = click.prompt("  comment", default="", show_default=False) or None
+    choice = prompt("  approve or reject", type=click.Choice(["approve", "reject"]))
+    while (who := prompt("  as", default=gate.approvers[0])) not in gate.approvers:
+        out.print(f"  [red]{_t(who)} is not an approver[/red] of {_t(gate.step)}; "
+                  f"approvers: {_t(', '.join(gate.approvers))}")
+    note = prompt("  comment", default="", show_default=False) or None
     if choice == "approve":
         handle.approve(by=who, comment=note)
     else:
@@ -239,30 +372,31 @@ def _describe(entry: dict[str, Any]) -> str:
     mark = {"step_completed": "[green]✓[/green]", "failed": "[red]✗[/red]",
             "completed": "[green]●[/green]", "gate_opened": "[yellow]?[/yellow]",
             "step_retrying": "[yellow]↻[/yellow]"}.get(event, "•")
-    return f"  {mark} {event}" + (f" [bold]{step}[/bold]" if step else "") + (
-        f" [dim]{detail}[/dim]" if detail else "")
+    return f"  {mark} {_t(event)}" + (f" [bold]{_t(step)}[/bold]" if step else "") + (
+        f" [dim]{_t(detail)}[/dim]" if detail else "")
 
 
 def _print_result(result: dict[str, Any]) -> None:
     colour = {"completed": "green", "failed": "red"}.get(result["status"], "yellow")
-    out.print(f"[{colour}]{result['status']}[/{colour}]")
+    out.print(f"[{colour}]{_t(result['status'])}[/{colour}]")
     if result.get("error"):
         e = result["error"]
-        out.print(f"[red]{e['step']}: {e['type']}: {e['message']}[/red]")
+        out.print(f"[red]{_t(e['step'])}: {_t(e['type'])}: {_t(e['message'])}[/red]")
     out.print_json(json.dumps({"state": result["state"], "output": result["output"]}))
 
 
 # ---- processes ------------------------------------------------------------------------
 
 
-def _publish(settings: Settings, app: Any, node: str) -> None:
-    client = connect(settings.redis_url)
+def _hosting_app(settings: Settings) -> Any:
+    """The app with every workflow module imported; a module that will not import is bad
+    configuration, said in one line (not Celery's traceback)."""
     try:
-        publish(client, app.runtime.workflows.values(), host=node)
-    except Exception as exc:  # the broker connection will say the same, more usefully
-        err.print(f"[yellow]warning:[/yellow] catalog not published: {exc}")
-    finally:
-        client.close()
+        return create_app(settings)
+    except ImportError as exc:
+        raise BadInput(f"cannot import the workflow modules {','.join(settings.workflows)!r} "
+                       f"(ORCHESTRATOR_WORKFLOWS or --workflows; is the folder that holds "
+                       f"them on PYTHONPATH?): {exc}") from None
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -273,14 +407,14 @@ def _publish(settings: Settings, app: Any, node: str) -> None:
 @click.option("-n", "--hostname", default="worker@%h")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
+@_guard
 def worker(settings: Settings, queues: str | None, concurrency: int | None, pool: str,
            loglevel: str, hostname: str, celery_args: tuple[str, ...]) -> None:
     """Run a worker: executes the steps of the hosted workflows (a `celery worker`)."""
-    app = create_app(settings)
+    app = _hosting_app(settings)
     runtime = app.runtime
     step_queues = sorted({q for wf in runtime.workflows.values() for q in wf.queues().values()}
                          | {DEFAULT_QUEUE})
-    _publish(settings, app, hostname)
     argv = ["worker", "-Q", queues or ",".join(step_queues), "-P", pool, "-l", loglevel,
             "-n", hostname]
     if concurrency:
@@ -294,34 +428,45 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
 @click.option("-n", "--hostname", default="coordinator@%h")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
+@_guard
 def coordinator(settings: Settings, concurrency: int, loglevel: str, hostname: str,
                 celery_args: tuple[str, ...]) -> None:
     """Run a coordinator: fires timers, recovers lost work (lost steps, lost chord bodies)."""
-    app = create_app(settings)
+    app = _hosting_app(settings)
     app.steps["worker"].add(Sweeper)
-    _publish(settings, app, hostname)
     app.worker_main(["worker", "-Q", COORDINATOR_QUEUE, "-P", "threads", "-c", str(concurrency),
                      "-l", loglevel, "-n", hostname, *celery_args])
 
 
+def flower_argv(port: int, address: str, flower_args: Sequence[str]) -> list[str]:
+    return ["flower", f"--port={port}", f"--address={address}", *flower_args]
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--port", type=int, default=5555)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; Flower can stop runs' tasks, so only this host "
+                   "by default (0.0.0.0 for every interface, e.g. in a container).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def flower(settings: Settings, port: int, flower_args: tuple[str, ...]) -> None:
+def flower(settings: Settings, port: int, address: str, flower_args: tuple[str, ...]) -> None:
     """Run Flower against the same broker, to watch workers and step tasks."""
     app = create_app(settings, import_modules=False)
-    app.start(["flower", f"--port={port}", *flower_args])
+    app.start(flower_argv(port, address, flower_args))
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @_guard
-def recover(settings: Settings) -> None:
+def recover(settings: Settings, as_json: bool) -> None:
     """One recovery sweep: fire due timers, re-dispatch lost steps, re-drive lost joins."""
-    runtime = create_app(settings).runtime
+    runtime = _hosting_app(settings).runtime
     changed = runtime.sweep_all()
-    out.print(f"recovered {changed} run(s)")
+    if as_json:
+        _emit({"recovered": changed})
+    else:
+        out.print(f"recovered {changed} run(s)")
 
 
 # ---- reading ------------------------------------------------------------------------
@@ -337,11 +482,10 @@ def workflows(settings: Settings, as_json: bool) -> None:
     if as_json:
         _emit([e.model_dump(mode="json") for e in entries])
         return
-    table = Table("workflow", "version", "steps", "queues", "hosts", "description")
-    for e in entries:
-        table.add_row(e.name, e.version, str(len(e.graph)), ", ".join(sorted(set(
-            e.queues.values()))), ", ".join(e.hosts), e.description)
-    out.print(table)
+    rows = [[e.name, e.version, str(len(e.graph)), ", ".join(sorted(set(e.queues.values()))),
+             ", ".join(e.hosts), e.description] for e in entries]
+    out.print(_table(["workflow", "version", "steps", "queues", "hosts", "description"], rows,
+                     whole=["workflow"]))
 
 
 @cli.command()
@@ -359,11 +503,10 @@ def runs(settings: Settings, status_filter: str | None, workflow: str | None, li
     if as_json:
         _emit([_summary(r) for r in records])
         return
-    table = Table("run", "workflow", "status", "step", "created")
-    for r in records:
-        table.add_row(r.run_id, r.workflow, r.status.value, _step_name(r.current_step),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)))
-    out.print(table)
+    rows = [[r.run_id, r.workflow, r.status.value, _step_name(r.current_step),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))]
+            for r in records]
+    out.print(_table(["run", "workflow", "status", "step", "created"], rows, whole=["run"]))
 
 
 def _summary(r: RunRecord) -> dict[str, Any]:
@@ -376,38 +519,66 @@ def _step_name(step: str | None) -> str:
     return "START" if step == "__start__" else (step or "")
 
 
+def _shown_status(client: Client, rec: RunRecord) -> str:
+    """`queued` for a running run whose step was sent but no worker holds yet (display
+    only: to the engine the run is running)."""
+    task = rec.task
+    if rec.status is not RunStatus.RUNNING or task is None or task.dispatched_at is None:
+        return rec.status.value
+    store = client.runtime.store_for(client.workflow(rec.workflow).key_prefix)
+    return "running" if store.live_leases(rec.run_id, [task.lease_id]) else "queued"
+
+
 @cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @_guard
 def status(settings: Settings, run_id: str, as_json: bool) -> None:
-    """A run's status, current step, state, results and history."""
-    handle = _client(settings).attach(run_id)
+    """A run's status, current step, state, results and history. Exits 1 if the run
+    failed or was stopped."""
+    client = _client(settings)
+    handle = client.attach(run_id)
     rec, history = handle.record(), handle.history()
     if as_json:
         _emit({**rec.model_dump(mode="json"), "history": history})
-        return
-    out.print(f"[bold]{rec.workflow}[/bold] {rec.run_id}: [bold]{rec.status.value}[/bold]"
-              + (f" at {_step_name(rec.current_step)}" if rec.current_step else ""))
-    if rec.error:
-        out.print(f"[red]{rec.error}[/red]")
-    out.print_json(json.dumps({"state": rec.state, "step_results": rec.step_results}))
-    for entry in history:
-        out.print(_describe(entry))
+    else:
+        out.print(f"[bold]{_t(rec.workflow)}[/bold] {_t(rec.run_id)}: "
+                  f"[bold]{_shown_status(client, rec)}[/bold]"
+                  + (f" at {_t(_step_name(rec.current_step))}" if rec.current_step else ""))
+        if rec.error:
+            out.print(f"[red]{_t(rec.error)}[/red]")
+        out.print_json(json.dumps({"state": rec.state, "step_results": rec.step_results}))
+        for entry in history:
+            out.print(_describe(entry))
+    _end(rec.status)
 
 
 @cli.command()
 @click.argument("run_id")
 @click.option("--timeout", type=float, default=None)
+@click.option("--json", "as_json", is_flag=True,
+              help="No live display; print the final record (as `status --json`).")
 @click.pass_obj
 @_guard
-def watch(settings: Settings, run_id: str, timeout: float | None) -> None:
-    """Follow a run live until it ends."""
+def watch(settings: Settings, run_id: str, timeout: float | None, as_json: bool) -> None:
+    """Follow a run live until it ends. Exits 1 if it failed or was stopped."""
     from rich.live import Live
 
     handle = _client(settings).attach(run_id)
     deadline = None if timeout is None else time.monotonic() + timeout
+
+    def check_deadline() -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {handle.run_id} did not finish within {timeout}s")
+
+    if as_json:
+        for _ in _progress(handle):
+            check_deadline()
+        final = handle.record()
+        _emit({**final.model_dump(mode="json"), "history": handle.history()})
+        _end(final.status)
+        return
     steps_done = 0
     with Live(console=out, refresh_per_second=8, transient=True) as live:
         for entry, rec in _progress(handle):
@@ -416,13 +587,11 @@ def watch(settings: Settings, run_id: str, timeout: float | None) -> None:
                 steps_done += entry.get("event") in ("step_completed", "branch_completed")
             current = rec or handle.record()
             live.update(f"[bold]{current.status.value}[/bold] at "
-                        f"{_step_name(current.current_step)} · {steps_done} step(s) done")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
+                        f"{_t(_step_name(current.current_step))} · {steps_done} step(s) done")
+            check_deadline()
     final = handle.record()
-    out.print(f"{final.run_id}: [bold]{final.status.value}[/bold]")
-    if final.status is not RunStatus.COMPLETED:
-        sys.exit(EXIT_RUN_FAILED)
+    out.print(f"{_t(final.run_id)}: [bold]{final.status.value}[/bold]")
+    _end(final.status)
 
 
 @cli.command()
@@ -441,11 +610,11 @@ def gates(settings: Settings, approver: str | None, as_json: bool) -> None:
     if as_json:
         _emit(rows)
         return
-    table = Table("run", "workflow", "step", "approvers", "approvals", "prompt")
-    for row in rows:
-        table.add_row(row["run_id"], row["workflow"], row["step"], ", ".join(row["approvers"]),
-                      f"{len(row['approvals'])}/{row['min_approvals']}", row["prompt"] or "")
-    out.print(table)
+    cells = [[row["run_id"], row["workflow"], row["step"], ", ".join(row["approvers"]),
+              f"{len(row['approvals'])}/{row['min_approvals']}", row["prompt"] or ""]
+             for row in rows]
+    out.print(_table(["run", "workflow", "step", "approvers", "approvals", "prompt"], cells,
+                     whole=["run"]))
 
 
 @cli.command()
@@ -455,17 +624,18 @@ def gates(settings: Settings, approver: str | None, as_json: bool) -> None:
 @click.pass_obj
 @_guard
 def graph(settings: Settings, target: str, mermaid: bool, as_json: bool) -> None:
-    """The step graph of a workflow (module:attribute, or a name from the catalog)."""
+    """The step graph of a workflow (module:attribute, or a name from the catalog): forks
+    (`=fork=>`) and gates (`?gate?`) show for module:attribute, read from the code."""
     if ":" in target:
-        edges = _graph.edges(load_workflow(target))
+        shape = _graph.shape(load_workflow(target))
     else:
-        edges = _client(settings).workflow(target).graph
+        shape = _graph.from_edges(_client(settings).workflow(target).graph)
     if as_json:
-        _emit(edges)
+        _emit(shape)
     elif mermaid:
-        click.echo(_graph.render_mermaid(edges))
+        click.echo(_graph.render_mermaid(shape))
     else:
-        click.echo(_graph.render_text(edges))
+        click.echo(_graph.render_text(shape))
 
 
 # ---- control ------------------------------------------------------------------------
@@ -512,7 +682,7 @@ def _report(handle: RunHandle, as_json: bool) -> None:
     if as_json:
         _emit(_summary(rec))
     else:
-        out.print(f"{rec.run_id}: {rec.status.value}")
+        out.print(f"{_t(rec.run_id)}: {rec.status.value}")
 
 
 cli.add_command(dev)

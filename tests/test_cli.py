@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import redis
 
-from tests.conftest import ROOT, TEST_ENV, Cluster, wait_for
+from tests.conftest import ROOT, TEST_ENV, Cluster, free_port, wait_for
 
 
 def cli(redis_url: str, *args: str, check: bool = True, timeout: float = 120,
@@ -26,8 +28,11 @@ def cli(redis_url: str, *args: str, check: bool = True, timeout: float = 120,
     return proc
 
 
-def cli_json(redis_url: str, *args: str) -> Any:
-    return json.loads(cli(redis_url, *args, "--json").stdout)
+def cli_json(redis_url: str, *args: str, code: int = 0) -> Any:
+    """The command's JSON; `code` is the exit it must give (1: the run failed)."""
+    proc = cli(redis_url, *args, "--json", check=False)
+    assert proc.returncode == code, f"{args} exited {proc.returncode}:\n{proc.stderr}"
+    return json.loads(proc.stdout)
 
 
 START_BY_NAME = textwrap.dedent("""
@@ -74,6 +79,7 @@ def test_workflows_catalog(cluster: Cluster, redis_url: str) -> None:
     assert entry["graph"]["Deploy"] == ["Release"] and entry["graph"]["Build"] == ["Bundle"]
     assert entry["queues"]["Clone"] == "orchestrator.steps"
     assert {"w1@" in h or "w2@" in h or "coord@" in h for h in entry["hosts"]} == {True}
+    assert not any("%" in h for h in entry["hosts"])  # w1@%h as Celery expands it
     table = cli(redis_url, "workflows").stdout
     assert "BuildAndDeploy" in table and "Loop" in table
 
@@ -117,17 +123,26 @@ def test_reject_from_cli(cluster: Cluster, redis_url: str) -> None:
     wait_for(lambda: cli_json(redis_url, "status", run_id)["status"] == "waiting", 60,
              what="the gate")
     cli(redis_url, "reject", run_id, "--as", "ops-lead", "--reason", "not now")
-    status = cli_json(redis_url, "status", run_id)
+    status = cli_json(redis_url, "status", run_id, code=1)
     assert status["status"] == "failed" and "not now" in status["error"]["message"]
     assert cli(redis_url, "watch", run_id, check=False).returncode == 1
 
 
 def test_graph_text_mermaid_and_json(redis_url: str, cluster: Cluster) -> None:
-    text = cli(redis_url, "graph", "workers.deploy:build_and_deploy").stdout
-    assert "START -> Clone" in text and "Deploy -> Release" in text and "Release -> END" in text
+    text = cli(redis_url, "graph", "workers.deploy:build_and_deploy").stdout.splitlines()
+    assert text == ["START -> Clone", "Clone -> Build",
+                    "Build =fork=> [build_linux, build_mac, build_win] -> Bundle",
+                    "Bundle -> Test", "Test -> Deploy", "Deploy ?gate? -> Release",
+                    "Release -> END"]
     mermaid = cli(redis_url, "graph", "workers.deploy:build_and_deploy", "--mermaid").stdout
-    assert mermaid.startswith("flowchart TD") and 'Build["Build"] --> Bundle["Bundle"]' in mermaid
-    assert cli_json(redis_url, "graph", "Loop")["Tick"] == ["Tick", "__end__"]
+    assert mermaid.startswith("flowchart TD")
+    assert 'Build["Build"] -->|fork| Build__build_mac[["build_mac"]]' in mermaid
+    assert 'Build__build_mac[["build_mac"]] --> Bundle["Bundle"]' in mermaid
+    assert 'Test["Test"] --> Deploy{{"Deploy ?gate?"}}' in mermaid
+    assert 'Deploy{{"Deploy ?gate?"}} --> Release["Release"]' in mermaid
+    shape = cli_json(redis_url, "graph", "workers.deploy:build_and_deploy")
+    assert shape["Deploy"] == {"next": ["Release"], "fork": [], "gate": True}
+    assert cli_json(redis_url, "graph", "Loop")["Tick"]["next"] == ["Tick", "__end__"]
 
 
 def test_embedded_run_with_approve_as(redis_url: str) -> None:
@@ -175,6 +190,12 @@ def test_embedded_run_asks_on_the_terminal(redis_url: str, tmp_path: Any) -> Non
     wait_for(lambda: read_until(b"approve or reject"), 60, what="the prompt")
     os.write(main_fd, b"reject\n")
     wait_for(lambda: read_until(b"as"), 10, what="who")
+    # Someone who may not decide is asked again: refusing would end the embedded run.
+    os.write(main_fd, b"intern\n")
+    wait_for(lambda: read_until(b"not an approver"), 10, what="the refusal")
+    seen = seen[seen.index(b"not an approver"):]
+    wait_for(lambda: read_until(b"as"), 10, what="who, again")
+    assert proc.poll() is None
     os.write(main_fd, b"ops-lead\n")
     wait_for(lambda: read_until(b"comment"), 10, what="comment")
     os.write(main_fd, b"not today\n")
@@ -189,7 +210,7 @@ def test_clear_errors_and_exit_codes(cluster: Cluster, redis_url: str) -> None:
     missing = cli(redis_url, "status", "no-such-run", check=False)
     assert missing.returncode == 3 and "no-such-run" in missing.stderr
     unknown = cli(redis_url, "run", "NoSuchFlow", "--remote", check=False)
-    assert unknown.returncode == 3 and "no worker serves" in unknown.stderr
+    assert unknown.returncode == 3 and "NoSuchFlow" in unknown.stderr
     bad = cli(redis_url, "run", "BuildAndDeploy", "--remote", "--input", '{"repo": 5}',
               check=False)
     assert bad.returncode == 2 and "repo" in bad.stderr
@@ -201,3 +222,105 @@ def test_clear_errors_and_exit_codes(cluster: Cluster, redis_url: str) -> None:
         port = s.getsockname()[1]
     down = cli(f"redis://127.0.0.1:{port}/0", "runs", check=False, timeout=60)
     assert down.returncode == 5 and f"127.0.0.1:{port}" in down.stderr
+
+
+def test_ids_are_whole_in_80_columns_and_piped(cluster: Cluster, redis_url: str) -> None:
+    run_id = cli_json(redis_url, "run", "Gated", "--remote", "--no-wait")["run_id"]
+    wait_for(lambda: cli_json(redis_url, "gates"), 60, what="the gate")
+    for command in ("runs", "gates"):
+        listing = cli(redis_url, command, COLUMNS="80").stdout  # captured: a pipe
+        assert run_id in listing, listing
+        assert max(map(len, listing.splitlines())) <= 80
+
+
+def test_a_unique_prefix_names_a_run(cluster: Cluster, redis_url: str) -> None:
+    for suffix in ("first", "second"):
+        cli(redis_url, "run", "Gated", "--remote", "--no-wait", "--run-id", f"abc-{suffix}")
+    wait_for(lambda: len(cli_json(redis_url, "gates")) == 2, 60, what="both gates")
+    assert cli_json(redis_url, "status", "abc-f")["run_id"] == "abc-first"
+    assert cli_json(redis_url, "reject", "abc-s", "--as", "ops-lead")["run_id"] == "abc-second"
+    ambiguous = cli(redis_url, "status", "abc", check=False)
+    assert ambiguous.returncode == 2
+    assert "abc-first" in ambiguous.stderr and "abc-second" in ambiguous.stderr
+    assert cli(redis_url, "pause", "abd", check=False).returncode == 3
+
+
+def test_user_text_is_printed_as_text(cluster: Cluster, redis_url: str) -> None:
+    run_id = cli_json(redis_url, "run", "Gated", "--remote", "--no-wait")["run_id"]
+    wait_for(lambda: cli_json(redis_url, "gates"), 60, what="the gate")
+    cli(redis_url, "reject", run_id, "--as", "ops-lead", "--reason",
+        "[red]x[/red] \x1b[2J\rgone")
+    shown = cli(redis_url, "status", run_id, check=False)
+    assert shown.returncode == 1
+    assert "\x1b" not in shown.stdout and "\r" not in shown.stdout
+    reason = next(line for line in shown.stdout.splitlines() if "gate_rejected" in line)
+    assert "[red]x[/red] \\x1b[2J\\rgone" in reason
+    error = next(line for line in shown.stdout.splitlines() if "GateRejected" in line)
+    assert "[red]x[/red]" in error
+
+
+def test_status_says_queued_until_a_worker_takes_the_step(cluster: Cluster, redis_url: str,
+                                                          rclient: redis.Redis) -> None:
+    # Two single-process workers, each held by a ThreeSteps run's first step.
+    held = [cli_json(redis_url, "run", "ThreeSteps", "--remote", "--no-wait")["run_id"]
+            for _ in range(2)]
+    for run_id in held:
+        wait_for(lambda run_id=run_id: rclient.llen(f"t:{run_id}:events"), 60,
+                 what="a worker to take the step")
+    waiting = cli_json(redis_url, "run", "ThreeSteps", "--remote", "--no-wait")["run_id"]
+    assert f"{waiting}: queued at A" in cli(redis_url, "status", waiting).stdout
+    assert cli_json(redis_url, "status", waiting)["status"] == "running"  # to the engine
+    assert f"{held[0]}: running at A" in cli(redis_url, "status", held[0]).stdout
+    for run_id in [*held, waiting]:
+        rclient.set(f"t:{run_id}:release", 1)
+
+
+def test_run_finds_a_module_in_the_current_directory(redis_url: str, tmp_path: Any) -> None:
+    (tmp_path / "mymodule.py").write_text(textwrap.dedent("""
+        from orchestrator import END, START, Next, Workflow
+        flow = Workflow("Mine").flow({START: "Go", "Go": lambda ctx: Next(END, output=7)})
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORCHESTRATOR_REDIS_URL": redis_url}
+    # -P: sys.path gets no current directory, as under the `orchestrator` console script.
+    proc = subprocess.run([sys.executable, "-P", "-m", "orchestrator.cli", "run",
+                           "mymodule:flow", "--json"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["output"] == 7
+
+
+def test_worker_says_which_setting_names_a_missing_module(redis_url: str) -> None:
+    proc = cli(redis_url, "worker", check=False, ORCHESTRATOR_WORKFLOWS="no_such_flows_here")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "ORCHESTRATOR_WORKFLOWS" in proc.stderr and "PYTHONPATH" in proc.stderr
+    assert "no_such_flows_here" in proc.stderr
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc has them) with a socket listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_flower_listens_on_loopback_only_by_default(redis_url: str, tmp_path: Any) -> None:
+    port = free_port()
+    env = {**os.environ, **TEST_ENV, "ORCHESTRATOR_REDIS_URL": redis_url,
+           "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "flower.log"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "flower", "--port",
+                             str(port)], env=env, cwd=ROOT, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: _listening(port) or proc.poll() is not None, 60, 0.1,
+                 what="Flower to listen")
+        assert _listening(port) == {"0100007F"}, log.read_text()  # 127.0.0.1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

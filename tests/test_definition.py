@@ -167,6 +167,7 @@ PUBLIC = [
     "local_runtime", "Steward", "CatalogEntry", "Client", "RunStore", "MemoryStore",
     "RedisStore", "ControlError", "InvalidInput", "RunNotFound", "StoreUnavailable",
     "UnknownWorkflow", "NonRetryable", "StepPolicy", "OrchestratorApp", "Middleware",
+    "AmbiguousRunId", "NoLiveWorker",
 ]
 
 

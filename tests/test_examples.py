@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestrator import Client
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, free_port, wait_for
+
+
+def _error(response: Any, code: int) -> str:
+    """A JSON error with that status (not Flask's HTML error page)."""
+    assert response.status_code == code, (response.status_code, response.data)
+    message: str = response.get_json()["error"]
+    return message
 
 
 def test_flask_app_enqueues_and_reads_status(cluster: Cluster, redis_url: str) -> None:
     from examples.flask_app import create_app
 
     http = create_app(Client(redis_url)).test_client()
-    bad = http.post("/deploys", json={"repository": "acme/app"})
-    assert bad.status_code == 422 and "repo" in bad.get_json()["error"]
+    assert "repo" in _error(http.post("/deploys", json={"repository": "acme/app"}), 422)
+    assert "JSON object" in _error(http.post("/deploys", data="not json"), 422)
 
     started = http.post("/deploys", json={"repo": "acme/app", "environment": "production"})
     assert started.status_code == 202
@@ -19,10 +28,21 @@ def test_flask_app_enqueues_and_reads_status(cluster: Cluster, redis_url: str) -
     waiting = wait_for(lambda: (r := http.get(f"/deploys/{run_id}").get_json())["status"]
                        == "waiting" and r, 60, what="the gate")
     assert waiting["gate"]["approvers"] == ["ops-lead"] and waiting["step"] == "Deploy"
-    assert http.post(f"/deploys/{run_id}/approve", json={"as": "intern"}).status_code == 403
+    assert "as" in _error(http.post(f"/deploys/{run_id}/approve", json={}), 422)
+    assert "as" in _error(http.post(f"/deploys/{run_id}/approve", json={"as": 7}), 422)
+    _error(http.post(f"/deploys/{run_id}/approve", json={"as": "intern"}), 403)
     assert http.post(f"/deploys/{run_id}/approve", json={"as": "ops-lead"}).status_code == 200
     done = wait_for(lambda: (r := http.get(f"/deploys/{run_id}").get_json())["status"]
                     == "completed" and r, 60, what="the deploy to finish")
     assert done["state"]["released"] is True
-    assert http.post(f"/deploys/{run_id}/approve", json={"as": "ops-lead"}).status_code == 409
-    assert http.get("/deploys/nope").status_code == 404
+    _error(http.post(f"/deploys/{run_id}/approve", json={"as": "ops-lead"}), 409)
+    _error(http.get("/deploys/nope"), 404)
+    assert "nope" in _error(http.post("/deploys/nope/approve", json={"as": "ops-lead"}), 404)
+
+
+def test_flask_app_without_redis_answers_503() -> None:
+    from examples.flask_app import create_app
+
+    http = create_app(Client(f"redis://127.0.0.1:{free_port()}/0")).test_client()
+    assert "unreachable" in _error(http.get("/deploys/r1"), 503)
+    _error(http.post("/deploys", json={"repo": "acme/app"}), 503)

@@ -1,4 +1,9 @@
-"""Waiting is free: thousands of runs parked at a gate hold no message and no worker."""
+"""Waiting is free: runs parked at a gate hold no message and no worker.
+
+The suite parks a few hundred runs so it stays fast on CI; set ORCHESTRATOR_TEST_PARKED to
+park more. The 10,000-run figure and Redis bytes per parked run come from
+`bench/gates.py` (docs/benchmarks.md), which measures memory, not correctness.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +15,26 @@ from orchestrator import RunStatus, WorkflowRunner
 from tests import flows
 from tests.conftest import Cluster, wait_for
 
-PARKED = int(os.environ.get("ORCHESTRATOR_TEST_PARKED", "10000"))
+PARKED = int(os.environ.get("ORCHESTRATOR_TEST_PARKED", "300"))
 
 
-def test_ten_thousand_runs_parked_at_a_gate(cluster: Cluster, rclient: redis.Redis) -> None:
+def test_runs_parked_at_a_gate_hold_no_message(cluster: Cluster, rclient: redis.Redis) -> None:
     runner = WorkflowRunner(flows.parked, app=cluster.app)
-    baseline = rclient.info("memory")["used_memory"]
     handles = [runner.run(run_id=f"park{i}") for i in range(PARKED)]
-    wait_for(lambda: rclient.scard("parked:gates") == PARKED, 600, 0.5,
+    wait_for(lambda: rclient.scard("parked:gates") == PARKED, 60 + PARKED / 20, 0.5,
              what=f"{PARKED} runs to reach the gate")
-    # No message anywhere: not queued, not reserved by a worker, not unacked.
-    queues = [k for k in rclient.keys("orchestrator*") if rclient.type(k) == b"list"]
-    assert [q for q in queues if rclient.llen(q)] == []
-    assert rclient.hlen("unacked") == 0
+    # No message anywhere: not queued, not reserved by a worker, not unacked. Redis drops
+    # an emptied list, so outside the runs' own keys (their histories) a queue holding a
+    # message is the only list there can be.
+    lists = [k for k in rclient.scan_iter(count=1000) if rclient.type(k) == b"list"]
+    assert [k for k in lists if not k.startswith(b"parked:")] == []
+    assert rclient.hlen("unacked") == 0 and rclient.zcard("unacked_index") == 0
     inspect = cluster.app.control.inspect(timeout=2)
-    assert not any((inspect.active() or {}).values())
-    assert not any((inspect.reserved() or {}).values())
-    per_run = (rclient.info("memory")["used_memory"] - baseline) / PARKED
-    print(f"\n{PARKED} runs parked at a gate: {per_run:.0f} bytes of Redis memory per run")
+    active, reserved = inspect.active(), inspect.reserved()
+    assert active is not None and len(active) == 3, "every worker and the coordinator answer"
+    assert not any(active.values()) and not any((reserved or {}).values())
+    assert all(h.status() is RunStatus.WAITING for h in handles[:: max(1, PARKED // 20)])
     sample = handles[PARKED // 2]
-    assert sample.status() is RunStatus.WAITING
     sample.approve(by="ops-lead")
     assert sample.result(timeout=60).output == "released"
     assert rclient.scard("parked:gates") == PARKED - 1

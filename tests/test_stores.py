@@ -2,33 +2,74 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from orchestrator import _engine as engine
-from orchestrator._engine import GateSpec, Outcome, StepDone
-from orchestrator._records import BranchResult, FlowSpec, RunRecord, RunStatus, StepSpec
-from orchestrator._stores import MemoryStore, RedisStore, RunStore
+from orchestrator._engine import FanOut, GateSpec, GoTo, StepDone, WaitFor
+from orchestrator._leases import LeaseKeeper
+from orchestrator._records import (
+    BranchResult,
+    FlowSpec,
+    RunRecord,
+    RunStatus,
+    StepPolicy,
+    StepSpec,
+)
+from orchestrator._stores import CorruptRecord, MemoryStore, RedisStore, RunStore
+from tests.conftest import wait_for
 
-SPEC = FlowSpec("W", "v1", {"__start__": StepSpec("q"), "B": StepSpec("q")})
+Q = StepSpec(StepPolicy(queue="q"))
+SPEC = FlowSpec("W", "v1", {"__start__": Q, "B": Q})
+OTHER = FlowSpec("V", "v1", {"__start__": Q})
+
+MakeStore = Callable[..., RunStore]
 
 
 @pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest) -> Iterator[RunStore]:
-    if request.param == "memory":
-        yield MemoryStore("t:")
-        return
-    s = RedisStore(request.getfixturevalue("redis_url"), "t:")
-    yield s
-    s.close()
+def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
+    """Stores of one kind, with the options given (retain_seconds, history_limit)."""
+    made: list[RunStore] = []
+
+    def make(**options: Any) -> RunStore:
+        if request.param == "memory":
+            made.append(MemoryStore("t:", **options))
+        else:
+            made.append(RedisStore(request.getfixturevalue("redis_url"), "t:", **options))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
 
 
-def new_run(store: RunStore, run_id: str = "r1") -> RunRecord:
-    d = engine.start(SPEC, run_id, {}, {}, store.now())
+@pytest.fixture
+def store(make_store: MakeStore) -> RunStore:
+    return make_store()
+
+
+def new_run(store: RunStore, run_id: str = "r1", at: float | None = None,
+            spec: FlowSpec = SPEC) -> RunRecord:
+    d = engine.start(spec, run_id, {}, {}, store.now() if at is None else at)
     assert d.record is not None and store.create(d.record, d.history, d.record.created_at + 60)
     return d.record
+
+
+def stop(store: RunStore, rec: RunRecord, version: int = 1) -> RunRecord:
+    d = engine.apply(rec, engine.Stop(store.now()), SPEC)
+    assert d.record is not None and store.commit(rec, version, d.record, d.history, None)
+    return d.record
+
+
+def corrupt(store: RunStore, run_id: str, text: str) -> None:
+    """Spoil a stored record the way a bad write or a manual edit would."""
+    if isinstance(store, MemoryStore):
+        store._runs[run_id].doc = text
+    else:
+        assert isinstance(store, RedisStore)
+        store.redis.hset(f"t:run:{{{run_id}}}", "doc", text)
 
 
 def test_create_refuses_an_existing_id(store: RunStore) -> None:
@@ -41,7 +82,7 @@ def test_create_refuses_an_existing_id(store: RunStore) -> None:
 
 def test_commit_is_a_compare_and_set(store: RunStore) -> None:
     rec = new_run(store)
-    d = engine.apply(rec, StepDone(1, store.now(), {"x": 1}, Outcome("goto", "B")), SPEC)
+    d = engine.apply(rec, StepDone(1, store.now(), {"x": 1}, GoTo("B")), SPEC)
     assert d.record is not None
     assert store.commit(rec, 1, d.record, d.history, None)
     assert not store.commit(rec, 1, d.record, d.history, None)  # stale version
@@ -64,26 +105,33 @@ def test_leases_live_and_lapse(store: RunStore) -> None:
     assert began.record is not None and began.starts == 1
     assert store.begin_task("r1", "1", 0.3).starts == 2  # a redelivery while it lives
     assert store.live_leases("r1", ["1", "2"]) == frozenset({"1"})
-    deadline = time.monotonic() + 5
-    while store.live_leases("r1", ["1"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert store.live_leases("r1", ["1"]) == frozenset()
+    wait_for(lambda: not store.live_leases("r1", ["1"]), 5, what="the lease to lapse")
+
+
+def test_starts_are_counted_across_lapsed_leases(store: RunStore) -> None:
+    new_run(store)
+    for expected in (1, 2, 3):  # a worker killed whole: each redelivery finds no lease
+        assert store.begin_task("r1", "1", 0.05, attempt=2).starts == expected
+        wait_for(lambda: not store.live_leases("r1", ["1"]), 5, what="the lease to lapse")
+    assert store.begin_task("r1", "1", 0.05, attempt=3).starts == 1  # a new attempt
+    assert store.begin_task("r1", "2", 0.05).starts == 1
 
 
 def test_heartbeat_keeps_a_lease_alive(store: RunStore) -> None:
     new_run(store)
-    store.begin_task("r1", "1", 0.3)
-    with store.lease("r1", "1", 0.3):
-        until = time.monotonic() + 0.6  # two TTLs: only the heartbeat keeps it alive
-        while time.monotonic() < until:
-            assert store.live_leases("r1", ["1"]) == frozenset({"1"})
-            time.sleep(0.02)
+    ttl = 2.0  # renewed every ttl/3: only a stall of more than 1.3s could let it lapse
+    began = store.begin_task("r1", "1", ttl)
+    with LeaseKeeper(store).hold("r1", "1", ttl):
+        wait_for(lambda: store.now() > began.now + 1.5 * ttl, 10, what="the first TTL to pass")
+        assert store.live_leases("r1", ["1"]) == frozenset({"1"})  # renewed, or it had gone
+    wait_for(lambda: not store.live_leases("r1", ["1"]), 10,
+             what="the lease to lapse once nothing renews it")
 
 
 def test_gate_indexes_follow_the_record(store: RunStore) -> None:
     rec = new_run(store)
     gate = GateSpec(approvers=("ann",), then="B")
-    d = engine.apply(rec, StepDone(1, store.now(), {}, Outcome("wait", "B", gate=gate)), SPEC)
+    d = engine.apply(rec, StepDone(1, store.now(), {}, WaitFor(gate)), SPEC)
     assert d.record is not None and store.commit(rec, 1, d.record, d.history, None)
     assert [r.run_id for r in store.pending_gates()] == ["r1"]
     assert [r.run_id for r in store.pending_gates("ann")] == ["r1"]
@@ -97,8 +145,8 @@ def test_gate_indexes_follow_the_record(store: RunStore) -> None:
 
 def test_branch_results_are_kept_once_per_open_fork(store: RunStore) -> None:
     rec = new_run(store)
-    out = Outcome("parallel", "B", branches=(engine.BranchSpec("x", "m:x", "q"),
-                                             engine.BranchSpec("y", "m:y", "q")))
+    out = FanOut((engine.BranchSpec("x", "m:x", Q.policy), engine.BranchSpec("y", "m:y", Q.policy)),
+                 "B")
     d = engine.apply(rec, StepDone(1, store.now(), {}, out), SPEC)
     assert d.record is not None and d.record.fork is not None
     assert store.commit(rec, 1, d.record, d.history, None)
@@ -116,10 +164,165 @@ def test_branch_results_are_kept_once_per_open_fork(store: RunStore) -> None:
     assert store.commit(d.record, 2, stopped.record, stopped.history, None)
     assert store.branch_results("r1", token) == {}  # dropped with the fork
     assert store.record_branch("r1", token, "x", result, entry, "2:x", 2, 1.0) is None
+    numbers = [e["n"] for e in store.history("r1")]  # created, committed, branches, stopped
+    assert numbers == list(range(len(numbers))) and len(numbers) > 4
 
 
 def test_notes_append_without_touching_the_record(store: RunStore) -> None:
     new_run(store)
     store.note("r1", {"event": "ignored"})
     assert store.load("r1").version == 1
-    assert store.history("r1")[-1] == {"event": "ignored"}
+    assert store.history("r1")[-1] == {"n": 1, "event": "ignored"}
+    store.note("nope", {"event": "ignored"})  # no run, nothing written
+    assert store.history("nope") == []
+
+
+
+def test_history_keeps_its_head_and_tail(make_store: MakeStore,
+                                         request: pytest.FixtureRequest) -> None:
+    store = make_store(history_limit=3)
+    new_run(store)  # entry 0: started
+    for i in range(1, 10):
+        store.note("r1", {"event": "tick", "i": i})
+    trimmed = {"event": "history_trimmed", "dropped": 4}
+    assert [e.get("n") for e in store.history("r1")] == [0, 1, 2, None, 7, 8, 9]
+    assert store.history("r1")[3] == trimmed
+    assert store.history("r1")[4] == {"n": 7, "event": "tick", "i": 7}
+    assert [e.get("n") for e in store.history("r1", 5)] == [None, 7, 8, 9]
+    assert store.history("r1", 5)[0] == {"event": "history_trimmed", "dropped": 2}
+    assert [e["n"] for e in store.history("r1", 1, 2)] == [1, 2]
+    assert [e["n"] for e in store.history("r1", 8)] == [8, 9]
+    assert [e["n"] for e in store.history("r1", -2)] == [8, 9]
+    assert store.history("r1", 10) == []
+    if isinstance(store, RedisStore):  # the lists stay at the limit, however long the run
+        client = request.getfixturevalue("rclient")
+        assert client.llen("t:run:{r1}:history") == client.llen("t:run:{r1}:history:tail") == 3
+
+
+def test_a_follower_sees_each_entry_once(make_store: MakeStore) -> None:
+    store = make_store(history_limit=2)
+    new_run(store)
+    seen: list[int] = []
+    start = 0
+    for i in range(1, 12):
+        store.note("r1", {"event": "tick", "i": i})
+        if i % 3 == 0:  # reads every third append, so it falls behind the kept tail
+            numbered = [e["n"] for e in store.history("r1", start) if "n" in e]
+            seen += numbered
+            start = numbered[-1] + 1
+    assert seen == sorted(set(seen)) and seen[-1] == 9
+    assert [e.get("n") for e in store.history("r1", start)] == [10, 11]
+
+
+def test_a_finished_run_leaves_nothing_behind(make_store: MakeStore,
+                                              request: pytest.FixtureRequest) -> None:
+    store = make_store(retain_seconds=1, history_limit=2)
+    kept = new_run(store, "kept")
+    rec = new_run(store)
+    gate = GateSpec(approvers=("ann",), then="B")
+    d = engine.apply(rec, StepDone(1, store.now(), {}, WaitFor(gate)), SPEC)
+    assert d.record is not None and store.commit(rec, 1, d.record, d.history, None)
+    store.begin_task("r1", "1", 0.2, attempt=1)  # a lease and a starts counter
+    for i in range(5):
+        store.note("r1", {"event": "tick", "i": i})  # a tail of history too
+    stop(store, d.record, 2)
+    store.note("r1", {"event": "ignored"})  # written after it finished: goes with it
+    wait_for(lambda: store.load("r1").record is None, 10, what="the run's retention to end")
+    assert store.history("r1") == []
+    wait_for(lambda: store.purge_expired() == 1, 10, what="the purge")
+    assert store.purge_expired() == 0
+    assert [r.run_id for r in store.list_runs()] == ["kept"]
+    assert store.count_runs()[RunStatus.STOPPED] == 0
+    assert store.count_runs()[kept.status] == 1
+    assert store.find_run_ids("r") == [] and store.pending_gates() == []
+    if isinstance(store, RedisStore):
+        client = request.getfixturevalue("rclient")
+        wait_for(lambda: not client.keys("t:run:{r1}*"), 10, what="every key of r1 to expire")
+        assert client.keys("t:run:{kept}*")
+        for key in client.keys("t:*"):
+            kind = client.type(key).decode()
+            members = (client.zrange(key, 0, -1) if kind == "zset" else
+                       client.smembers(key) if kind == "set" else
+                       client.hkeys(key) if kind == "hash" else [])
+            assert b"r1" not in members, key
+    else:
+        assert isinstance(store, MemoryStore) and set(store._runs) == {"kept"}
+
+
+def test_an_id_used_again_after_its_run_expired(make_store: MakeStore) -> None:
+    store = make_store(retain_seconds=1)
+    stop(store, new_run(store))
+    wait_for(lambda: store.load("r1").record is None, 10, what="the run's retention to end")
+    again = new_run(store)  # before the purge has run
+    wait_for(lambda: store.now() > again.created_at + 2.5, 10, what="the old expiry to pass")
+    assert store.purge_expired() == 0  # the new run's entries are not the old one's
+    assert [r.run_id for r in store.list_runs(RunStatus.RUNNING)] == ["r1"]
+    assert store.count_runs()[RunStatus.STOPPED] == 0
+
+
+def test_runs_are_listed_newest_first_filtered_and_paged(store: RunStore) -> None:
+    base = store.now()
+    made = [new_run(store, f"a{i}", base + i, SPEC if i % 2 else OTHER) for i in range(6)]
+    made += [new_run(store, "b0", base + 2), new_run(store, "b1", base + 2)]  # ties with a2
+    for rec in made[1], made[4]:
+        stop(store, rec)
+    newest_first = ["a5", "a4", "a3", "b1", "b0", "a2", "a1", "a0"]
+    assert [r.run_id for r in store.list_runs()] == newest_first
+    assert [r.run_id for r in store.list_runs(limit=3)] == newest_first[:3]
+
+    def pages(status: RunStatus | None = None, workflow: str | None = None) -> list[str]:
+        ids: list[str] = []
+        cursor = None
+        while True:
+            page = store.page_runs(status, workflow, limit=2, cursor=cursor)
+            assert len(page.records) <= 2
+            ids += [r.run_id for r in page.records]
+            if page.next_cursor is None:
+                return ids
+            cursor = page.next_cursor
+
+    assert pages() == newest_first
+    assert pages(RunStatus.STOPPED) == ["a4", "a1"]
+    assert pages(workflow="V") == ["a4", "a2", "a0"]
+    assert pages(RunStatus.RUNNING, "V") == ["a2", "a0"]
+    assert [r.run_id for r in store.list_runs(workflow="W")] == ["a5", "a3", "b1", "b0", "a1"]
+    assert [r.run_id for r in store.list_runs(RunStatus.STOPPED, "W")] == ["a1"]
+    last = store.page_runs(limit=8)
+    assert len(last.records) == 8 and last.next_cursor is None
+
+    assert store.count_runs() == {**dict.fromkeys(RunStatus, 0), RunStatus.RUNNING: 6,
+                                  RunStatus.STOPPED: 2}
+    assert store.count_runs("V") == {**dict.fromkeys(RunStatus, 0), RunStatus.RUNNING: 2,
+                                     RunStatus.STOPPED: 1}
+    assert store.find_run_ids("a") == ["a0", "a1", "a2", "a3", "a4", "a5"]
+    assert store.find_run_ids("a", limit=2) == ["a0", "a1"]
+    assert store.find_run_ids("b1") == ["b1"] and store.find_run_ids("c") == []
+    with pytest.raises(ValueError, match="cursor"):
+        store.page_runs(cursor="nonsense")
+
+
+def test_a_corrupt_record_is_reported_skipped_and_quarantined(store: RunStore) -> None:
+    rec = new_run(store)
+    gate = GateSpec(approvers=("ann",), then="B")
+    d = engine.apply(rec, StepDone(1, store.now(), {}, WaitFor(gate)), SPEC)
+    assert d.record is not None and store.commit(rec, 1, d.record, d.history, store.now() - 1)
+    new_run(store, "r2")
+    corrupt(store, "r1", '{"run_id": "r1", "status": "sideways"')
+    with pytest.raises(CorruptRecord) as caught:
+        store.load("r1")
+    assert not isinstance(caught.value, ValueError)  # the CLI's "invalid input"
+    assert caught.value.run_id == "r1" and caught.value.raw.endswith('"sideways"')
+    with pytest.raises(CorruptRecord):
+        store.begin_task("r1", "1", 1.0)
+    assert [r.run_id for r in store.list_runs()] == ["r2"]
+    assert [r.run_id for r in store.page_runs(RunStatus.WAITING).records] == []
+    assert store.pending_gates() == [] and store.pending_gates("ann") == []
+    raw = store.raw("r1")
+    assert raw is not None and raw["doc"] == '{"run_id": "r1", "status": "sideways"'
+    assert store.raw("nope") is None
+
+    store.quarantine("r1")
+    assert store.corrupt_runs() == ["r1"]
+    assert store.claim_due(10, 30) == []  # its timer was due: the sweep no longer sees it
+    assert store.count_runs()[RunStatus.WAITING] == 0
+    assert store.find_run_ids("r") == ["r1", "r2"]  # still addressable, for `status --raw`

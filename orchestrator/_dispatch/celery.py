@@ -79,7 +79,7 @@ class CeleryDispatcher(Dispatcher):
             with self.app.connection_for_read() as conn:
                 if conn.transport.driver_type != "redis":
                     return None
-                channel = conn.default_channel
+                channel: Any = conn.default_channel
                 client = channel.client
                 if client.llen(queue) > MAX_LISTED:
                     return None

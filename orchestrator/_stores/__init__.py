@@ -1,7 +1,8 @@
 """Run stores: one interface, one module per backend."""
 
-from .base import Loaded, RunStore, StoreUnavailable
+from .base import CorruptRecord, Loaded, RunPage, RunStore, StoreUnavailable
 from .memory import MemoryStore
 from .redis import RedisStore
 
-__all__ = ["Loaded", "MemoryStore", "RedisStore", "RunStore", "StoreUnavailable"]
+__all__ = ["CorruptRecord", "Loaded", "MemoryStore", "RedisStore", "RunPage", "RunStore",
+           "StoreUnavailable"]

@@ -2,24 +2,42 @@
 
 Every write of a record is a compare-and-set on its version, so two processes deciding
 about the same run at once cannot both win: the loser reloads and decides again.
+
+History is capped, O(1) per append: a store keeps a run's first `history_limit` entries
+and its last `history_limit`. Each stored entry carries its sequence number `n` (0-based,
+given by the store as it appends), so a follower asks for `start = last n + 1` and never
+misses or repeats an entry. Where entries were dropped between the kept head and tail,
+`history()` returns one marker `{"event": "history_trimmed", "dropped": k}` (no `n`).
+
+A finished run (completed, failed, stopped) is kept `retain_seconds`; then all its data
+goes, and `purge_expired` (called by the sweep) removes what still lists it.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from .._records import BranchResult, RunRecord, RunStatus
+
+TRIMMED = "history_trimmed"
 
 
 class StoreUnavailable(ConnectionError):
     """The store cannot be reached; nothing was written."""
+
+
+class CorruptRecord(Exception):
+    """A run's stored record cannot be read. Not a ValueError: the input was fine."""
+
+    def __init__(self, run_id: str, raw: str, reason: str) -> None:
+        super().__init__(f"run {run_id!r}: stored record is corrupt: {reason}")
+        self.run_id = run_id
+        self.raw = raw
 
 
 @dataclass(frozen=True)
@@ -27,7 +45,13 @@ class Loaded:
     record: RunRecord | None
     version: int
     now: float
-    starts: int = 1  # how often this task started while its lease lived
+    starts: int = 1  # how often this (task, attempt) began, lease expiries included
+
+
+@dataclass(frozen=True)
+class RunPage:
+    records: list[RunRecord]
+    next_cursor: str | None  # None: nothing listed after these
 
 
 class RunStore(abc.ABC):
@@ -44,11 +68,15 @@ class RunStore(abc.ABC):
         """Write a new run; False (and no write) if the run id exists already."""
 
     @abc.abstractmethod
-    def load(self, run_id: str) -> Loaded: ...
+    def load(self, run_id: str) -> Loaded:
+        """The run as stored; CorruptRecord if its record cannot be read."""
 
     @abc.abstractmethod
-    def begin_task(self, run_id: str, task_id: str, lease_ttl: float) -> Loaded:
-        """Load the run and take a lease that says `task_id` is alive on a worker."""
+    def begin_task(self, run_id: str, task_id: str, lease_ttl: float,
+                   attempt: int = 1) -> Loaded:
+        """Load the run and take a lease that says `task_id` is alive on a worker.
+        `starts` counts the times (task_id, attempt) began, whether or not earlier leases
+        lapsed, so a step that kills its worker can be capped. CorruptRecord as `load`."""
 
     @abc.abstractmethod
     def renew_lease(self, run_id: str, task_id: str, lease_ttl: float) -> None: ...
@@ -93,73 +121,85 @@ class RunStore(abc.ABC):
         """Reset a run's timer without touching its record (after a sweep found nothing)."""
 
     @abc.abstractmethod
-    def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]: ...
+    def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
+        """Entries numbered `start` to `end` (inclusive; negative counts from the end, -1
+        the last), a `history_trimmed` marker where dropped ones would be."""
 
-    @abc.abstractmethod
     def list_runs(
         self, status: RunStatus | None = None, workflow: str | None = None, limit: int = 100
-    ) -> list[RunRecord]: ...
+    ) -> list[RunRecord]:
+        """The first page of `page_runs`."""
+        return self.page_runs(status, workflow, limit).records
 
     @abc.abstractmethod
-    def pending_gates(self, approver: str | None = None) -> list[RunRecord]: ...
+    def page_runs(self, status: RunStatus | None = None, workflow: str | None = None,
+                  limit: int = 50, cursor: str | None = None) -> RunPage:
+        """Runs newest first, optionally of one status and/or workflow, `limit` at a time:
+        pass the page's `next_cursor` for the next. Corrupt records are skipped."""
+
+    @abc.abstractmethod
+    def count_runs(self, workflow: str | None = None) -> dict[RunStatus, int]:
+        """How many runs (of `workflow`) are in each status."""
+
+    @abc.abstractmethod
+    def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Run ids starting with `prefix`, in order (quarantined runs included)."""
+
+    @abc.abstractmethod
+    def pending_gates(self, approver: str | None = None) -> list[RunRecord]:
+        """Runs waiting at a gate (for `approver`); corrupt records are skipped."""
+
+    @abc.abstractmethod
+    def purge_expired(self, limit: int = 500) -> int:
+        """Forget up to `limit` runs whose retention ended (their index entries, and in
+        stores without TTLs their data): how many were purged."""
+
+    @abc.abstractmethod
+    def quarantine(self, run_id: str) -> None:
+        """Take a run with a corrupt record out of the timers and listings, into
+        `corrupt_runs`. Its data stays for inspection (`raw`)."""
+
+    @abc.abstractmethod
+    def corrupt_runs(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def raw(self, run_id: str) -> dict[str, str] | None:
+        """The run's stored fields as text, readable when its record is not."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
-    @contextmanager
-    def lease(self, run_id: str, task_id: str, ttl: float) -> Iterator[None]:
-        """Keep a lease alive while the body runs. One heartbeat thread per store renews
-        every held lease: a thread per step would cost more than a short step."""
-        if not hasattr(self, "_heartbeat"):
-            self._heartbeat = _Heartbeat(self)
-        key = self._heartbeat.hold(run_id, task_id, ttl)
-        try:
-            yield
-        finally:
-            self._heartbeat.release(key)
+
+def parse_record(run_id: str, doc: str | bytes) -> RunRecord:
+    try:
+        return RunRecord.model_validate_json(doc)
+    except ValidationError as exc:
+        text = doc.decode(errors="replace") if isinstance(doc, bytes) else doc
+        reason = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+        raise CorruptRecord(run_id, text, reason) from None
 
 
-class _Heartbeat:
-    """Renews each held lease every third of its TTL, from one thread."""
+def entry_json(entry: dict[str, Any]) -> str:
+    """An entry as stored, before the store numbers it: its `n` is the store's to give."""
+    return json.dumps({k: v for k, v in entry.items() if k != "n"})
 
-    def __init__(self, store: RunStore) -> None:
-        self._store = store
-        self._held: dict[int, tuple[str, str, float, float]] = {}  # key -> ..., renew at
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._next = 0
-        self._thread: threading.Thread | None = None
 
-    def hold(self, run_id: str, task_id: str, ttl: float) -> int:
-        with self._lock:
-            self._next += 1
-            self._held[self._next] = (run_id, task_id, ttl, time.monotonic() + ttl / 3)
-            if self._thread is None or not self._thread.is_alive():  # also after a fork
-                self._thread = threading.Thread(target=self._beat, daemon=True,
-                                                name="orchestrator-leases")
-                self._thread.start()
-        self._wake.set()  # it may be sleeping past this lease's first renewal
-        return self._next
+def encode_cursor(last: RunRecord) -> str:
+    """The cursor of the page after `last`, which listings order by (created_at, run_id)."""
+    return f"{last.created_at!r}:{last.run_id}"
 
-    def release(self, key: int) -> None:
-        with self._lock:
-            self._held.pop(key, None)
 
-    def _beat(self) -> None:
-        while True:
-            with self._lock:
-                soonest = min((at for *_, at in self._held.values()), default=None)
-            self._wake.wait(None if soonest is None else max(0.0, soonest - time.monotonic()))
-            self._wake.clear()
-            now = time.monotonic()
-            with self._lock:
-                due = [(k, h) for k, h in self._held.items() if h[3] <= now]
-                for k, (run_id, task_id, ttl, _) in due:
-                    self._held[k] = (run_id, task_id, ttl, now + ttl / 3)
-            for _, (run_id, task_id, ttl, _) in due:
-                # A missed beat only risks a harmless redispatch.
-                with contextlib.suppress(Exception):
-                    self._store.renew_lease(run_id, task_id, ttl)
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        at, run_id = cursor.split(":", 1)
+        return float(at), run_id
+    except ValueError:
+        raise ValueError(f"not a cursor of page_runs: {cursor!r}") from None
+
+
+def check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
 
 
 def closed_fork(previous: RunRecord, record: RunRecord) -> int | None:

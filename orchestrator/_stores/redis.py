@@ -2,16 +2,34 @@
 
 Key schema (P is the workflow's key prefix; {id} is a hash tag, so one run's keys share a
 slot):
-    P run:{id}               hash  v (version), doc (RunRecord JSON), fork (its token)
-    P run:{id}:history       list  history entries, appended, never rewritten
-    P run:{id}:lease:<task>  str   present while a worker runs <task> (TTL, heartbeat)
-    P run:{id}:fork:<token>  hash  branch -> result, for the open fork (dropped at its join)
-    P due                    zset  run id -> when the sweep must look at it
-    P runs                   zset  run id -> created
-    P status                 hash  run id -> status
-    P gates, P gates:<who>   set   runs waiting at a gate, all and by approver
-The index keys are shared by all runs, so the commit script is single-instance Redis only;
-Redis Cluster would need the index writes split from the per-run commit.
+    P run:{id}                  hash  v (version), doc (RunRecord JSON), fork (open fork's
+                                      token), wf (workflow), hn (history entries appended),
+                                      hl (history_limit when the run began)
+    P run:{id}:history          list  the first hl history entries, each numbered ("n")
+    P run:{id}:history:tail     list  the last hl entries after those
+    P run:{id}:lease:<task>     str   present while a worker runs <task> (TTL, heartbeat)
+    P run:{id}:starts:<task>:<attempt>
+                                str   times (task, attempt) began (TTL retain_seconds)
+    P run:{id}:fork:<token>     hash  branch -> result, for the open fork (dropped at its join)
+    P due                       zset  run id -> when the sweep must look at it
+    P runs                      zset  run id -> created_at (every listed run)
+    P runs:status:<status>      zset  run id -> created_at, one per status
+    P runs:wf:<workflow>        zset  run id -> created_at, one per workflow
+    P runs:wf:<workflow>:status:<status>
+                                zset  run id -> created_at, both
+    P ids                       zset  run id -> 0: by id, for prefix search (ZRANGEBYLEX)
+    P gates, P gates:<who>      set   runs waiting at a gate, all and by approver
+    P expiry                    zset  run id -> when its keys expire (finished runs)
+    P expiry:workflow           hash  run id -> workflow, so the purge finds its entries
+    P corrupt                   set   quarantined runs (record unreadable)
+A finished run's own keys expire after retain_seconds (the starts counters sooner: they
+live retain_seconds from their last start); `purge_expired` then removes its index
+entries. Listings page by (created_at, run id), newest first, so a page never reads more
+than it returns (plus entries of runs that expired or are corrupt, skipped).
+
+The index keys are shared by all runs, so the scripts are single-instance Redis only, and
+some build index key names from the prefix; Redis Cluster would need the index writes split
+from the per-run commit.
 """
 
 from __future__ import annotations
@@ -27,13 +45,34 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .._records import BranchResult, RunRecord, RunStatus
-from .base import Loaded, RunStore, StoreUnavailable, closed_fork, gate_approvers
+from .base import (
+    TRIMMED,
+    CorruptRecord,
+    Loaded,
+    RunPage,
+    RunStore,
+    StoreUnavailable,
+    check_limit,
+    closed_fork,
+    decode_cursor,
+    encode_cursor,
+    entry_json,
+    gate_approvers,
+    parse_record,
+)
 
 T = TypeVar("T")
+_BATCH = 200  # records read per round trip while filling a page
 
 
-def _script(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", name).read_text()
+def _script(name: str, shared: bool = True) -> str:
+    """A script's text; `shared` puts lib.lua's functions (and the statuses) before it."""
+    lua = resources.files(__package__).joinpath("lua")
+    text = lua.joinpath(name).read_text()
+    if not shared:
+        return text
+    statuses = ", ".join(f"'{s.value}'" for s in RunStatus)
+    return f"local STATUSES = {{{statuses}}}\n{lua.joinpath('lib.lua').read_text()}\n{text}"
 
 
 def connect(url: str) -> redis.Redis:
@@ -66,32 +105,51 @@ class RedisStore(RunStore):
         key_prefix: str = "orchestrator:",
         retain_seconds: int = 7 * 24 * 3600,
         client: redis.Redis | None = None,
+        history_limit: int = 1000,
     ) -> None:
         self.key_prefix = key_prefix
         self.retain_seconds = retain_seconds
+        self.history_limit = history_limit
         self.safe_url = _redact(url)
         self.redis = client or connect(url)
         self._create = self.redis.register_script(_script("create.lua"))
         self._commit = self.redis.register_script(_script("commit.lua"))
-        self._claim = self.redis.register_script(_script("claim_due.lua"))
+        self._claim = self.redis.register_script(_script("claim_due.lua", shared=False))
         self._record_branch = self.redis.register_script(_script("record_branch.lua"))
+        self._note = self.redis.register_script(_script("note.lua"))
+        self._history = self.redis.register_script(_script("history.lua"))
+        self._purge = self.redis.register_script(_script("purge.lua"))
+        self._quarantine = self.redis.register_script(_script("quarantine.lua"))
 
     # ---- keys ----------------------------------------------------------------------
 
     def _rec(self, run_id: str) -> str:
         return f"{self.key_prefix}run:{{{run_id}}}"
 
-    def _hist(self, run_id: str) -> str:
-        return f"{self._rec(run_id)}:history"
+    def _hist(self, run_id: str) -> list[str]:
+        head = f"{self._rec(run_id)}:history"
+        return [head, f"{head}:tail"]
 
     def _lease(self, run_id: str, task_id: str) -> str:
         return f"{self._rec(run_id)}:lease:{task_id}"
+
+    def _starts(self, run_id: str, task_id: str, attempt: int) -> str:
+        return f"{self._rec(run_id)}:starts:{task_id}:{attempt}"
 
     def _fork(self, run_id: str, token: int) -> str:
         return f"{self._rec(run_id)}:fork:{token}"
 
     def _idx(self, name: str) -> str:
         return f"{self.key_prefix}{name}"
+
+    def _listing(self, status: RunStatus | None, workflow: str | None) -> str:
+        """The index listing the runs of `status` and `workflow` (None: any)."""
+        parts = ["runs"]
+        if workflow is not None:
+            parts.append(f"wf:{workflow}")
+        if status is not None:
+            parts.append(f"status:{status.value}")
+        return self._idx(":".join(parts))
 
     # ---- RunStore ----------------------------------------------------------------------
 
@@ -102,10 +160,13 @@ class RedisStore(RunStore):
 
     @_unavailable
     def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None) -> bool:
-        keys = [self._rec(record.run_id), self._hist(record.run_id), self._idx("runs"),
-                self._idx("status"), self._idx("due")]
-        args = [record.run_id, record.model_dump_json(), record.status.value, record.created_at,
-                "" if due is None else repr(due), *(json.dumps(h) for h in history)]
+        run_id, wf, status = record.run_id, record.workflow, record.status
+        keys = [self._rec(run_id), *self._hist(run_id), self._listing(None, None),
+                self._listing(status, None), self._listing(None, wf), self._listing(status, wf),
+                self._idx("ids"), self._idx("due"), self._idx("expiry")]
+        args: list[str | int] = [run_id, record.model_dump_json(), wf, repr(record.created_at),
+                "" if due is None else repr(due), self.history_limit, self.key_prefix,
+                *(entry_json(h) for h in history)]
         return bool(self._create(keys=keys, args=args))
 
     @_unavailable
@@ -114,18 +175,20 @@ class RedisStore(RunStore):
         pipe.time()
         pipe.hmget(self._rec(run_id), "v", "doc")
         (sec, usec), (v, doc) = pipe.execute()
-        return _loaded(v, doc, sec + usec / 1e6)
+        return _loaded(run_id, v, doc, sec + usec / 1e6)
 
     @_unavailable
-    def begin_task(self, run_id: str, task_id: str, lease_ttl: float) -> Loaded:
+    def begin_task(self, run_id: str, task_id: str, lease_ttl: float,
+                   attempt: int = 1) -> Loaded:
+        starts = self._starts(run_id, task_id, attempt)
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
         pipe.hmget(self._rec(run_id), "v", "doc")
-        lease = self._lease(run_id, task_id)
-        pipe.incr(lease)  # counts starts while the lease lives: a redelivery sees 2
-        pipe.pexpire(lease, int(lease_ttl * 1000))
-        (sec, usec), (v, doc), starts, _ = pipe.execute()
-        return _loaded(v, doc, sec + usec / 1e6, int(starts))
+        pipe.set(self._lease(run_id, task_id), 1, px=int(lease_ttl * 1000))
+        pipe.incr(starts)
+        pipe.expire(starts, self.retain_seconds)
+        (sec, usec), (v, doc), _, began, _ = pipe.execute()
+        return _loaded(run_id, v, doc, sec + usec / 1e6, int(began))
 
     @_unavailable
     def renew_lease(self, run_id: str, task_id: str, lease_ttl: float) -> None:
@@ -150,7 +213,7 @@ class RedisStore(RunStore):
         due: float | None,
         release: str | None = None,
     ) -> bool:
-        run_id = record.run_id
+        run_id, wf = record.run_id, record.workflow
         before, after = gate_approvers(previous), gate_approvers(record)
         gate_op, who = "", set[str]()
         if after and not before:
@@ -158,16 +221,22 @@ class RedisStore(RunStore):
         elif before and not after:
             gate_op, who = "close", before
         closed = closed_fork(previous, record)
-        keys = [self._rec(run_id), self._hist(run_id),
+        keys = [self._rec(run_id), *self._hist(run_id),
                 self._lease(run_id, release) if release else self._rec(run_id),
-                self._idx("due"), self._idx("status"), self._idx("gates"),
                 self._fork(run_id, closed) if closed is not None else self._rec(run_id),
+                self._idx("due"), self._idx("gates"),
+                # The version check makes `previous` the stored record: its status is the
+                # one the indexes hold.
+                self._listing(previous.status, None), self._listing(record.status, None),
+                self._listing(previous.status, wf), self._listing(record.status, wf),
+                self._idx("expiry"), self._idx("expiry:workflow"),
                 *(self._idx(f"gates:{w}") for w in sorted(who))]
         retain = self.retain_seconds if record.status.is_terminal else 0
-        args = [version, record.model_dump_json(), run_id, record.status.value,
+        args: list[str | int] = [version, record.model_dump_json(), run_id,
+                                 repr(record.created_at),
                 "" if due is None else repr(due), retain, gate_op,
-                "" if record.fork is None else str(record.fork.token),
-                *(json.dumps(h) for h in history)]
+                "" if record.fork is None else str(record.fork.token), wf,
+                *(entry_json(h) for h in history)]
         return bool(self._commit(keys=keys, args=args))
 
     @_unavailable
@@ -175,9 +244,9 @@ class RedisStore(RunStore):
                       entry: dict[str, Any], release: str, width: int,
                       join_at: float) -> int | None:
         n = int(self._record_branch(
-            keys=[self._rec(run_id), self._fork(run_id, token), self._hist(run_id),
+            keys=[self._rec(run_id), self._fork(run_id, token), *self._hist(run_id),
                   self._lease(run_id, release), self._idx("due")],
-            args=[token, branch, result.model_dump_json(), json.dumps(entry), width, run_id,
+            args=[token, branch, result.model_dump_json(), entry_json(entry), width, run_id,
                   repr(join_at)]))
         return n if n >= 0 else None
 
@@ -193,11 +262,10 @@ class RedisStore(RunStore):
 
     @_unavailable
     def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.rpush(self._hist(run_id), json.dumps(entry))
-        if release is not None:
-            pipe.delete(self._lease(run_id, release))
-        pipe.execute()
+        rec = self._rec(run_id)
+        self._note(keys=[rec, *self._hist(run_id),
+                         self._lease(run_id, release) if release is not None else rec],
+                   args=[entry_json(entry)])
 
     @_unavailable
     def set_due(self, run_id: str, due: float | None) -> None:
@@ -208,52 +276,126 @@ class RedisStore(RunStore):
 
     @_unavailable
     def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
-        return [json.loads(h) for h in self.redis.lrange(self._hist(run_id), start, end)]
+        head, dropped, tail = self._history(keys=[self._rec(run_id), *self._hist(run_id)],
+                                            args=[start, end])
+        marker = [{"event": TRIMMED, "dropped": int(dropped)}] if dropped else []
+        return [json.loads(h) for h in head] + marker + [json.loads(h) for h in tail]
 
     @_unavailable
-    def list_runs(
-        self, status: RunStatus | None = None, workflow: str | None = None, limit: int = 100
-    ) -> list[RunRecord]:
-        if status is not None:
-            statuses = self.redis.hgetall(self._idx("status"))
-            ids = [_text(k) for k, v in statuses.items() if _text(v) == status.value]
-        else:
-            ids = [_text(i) for i in self.redis.zrevrange(self._idx("runs"), 0, -1)]
-        return self._records(ids, workflow, limit)
+    def page_runs(self, status: RunStatus | None = None, workflow: str | None = None,
+                  limit: int = 50, cursor: str | None = None) -> RunPage:
+        check_limit(limit)
+        key = self._listing(status, workflow)
+        after = None if cursor is None else decode_cursor(cursor)
+        records: list[RunRecord] = []
+        while True:
+            # One more than the page needs: if it is there, there is a next page.
+            count = min(limit - len(records), _BATCH) + 1
+            rows = self._after(key, after, count)
+            pipe = self.redis.pipeline(transaction=False)
+            for run_id, _ in rows:
+                pipe.hget(self._rec(run_id), "doc")
+            for (run_id, created), doc in zip(rows, pipe.execute(), strict=True):
+                if len(records) == limit:
+                    return RunPage(records, encode_cursor(records[-1]))
+                after = (created, run_id)
+                rec = _listed(run_id, doc)
+                if rec is not None:
+                    records.append(rec)
+            if len(rows) < count:
+                return RunPage(records, None)
+
+    def _after(self, key: str, after: tuple[float, str] | None,
+               count: int) -> list[tuple[str, float]]:
+        """Up to `count` (run id, created_at) of the index, newest first, after `after`.
+        Runs created at the same instant come in descending id order, as Redis ranks them."""
+        if after is None:
+            return _scored(self.redis.zrevrange(key, 0, count - 1, withscores=True))
+        created, last = after
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrevrangebyscore(key, created, created, withscores=True)
+        pipe.zrevrangebyscore(key, f"({created!r}", "-inf", start=0, num=count,
+                              withscores=True)
+        ties, older = pipe.execute()
+        rows = [(m, s) for m, s in _scored(ties) if m < last]  # str order is UTF-8 byte order
+        return (rows + _scored(older))[:count]
+
+    @_unavailable
+    def count_runs(self, workflow: str | None = None) -> dict[RunStatus, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for status in RunStatus:
+            pipe.zcard(self._listing(status, workflow))
+        return dict(zip(RunStatus, pipe.execute(), strict=True))
+
+    @_unavailable
+    def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        # 0xff never occurs in UTF-8, so it sorts after every id that has the prefix.
+        low, high = b"[" + prefix.encode(), b"(" + prefix.encode() + b"\xff"
+        return [_text(i) for i in
+                self.redis.zrangebylex(self._idx("ids"), low, high, start=0, num=limit)]
 
     @_unavailable
     def pending_gates(self, approver: str | None = None) -> list[RunRecord]:
         key = self._idx("gates" if approver is None else f"gates:{approver}")
-        return self._records(sorted(_text(i) for i in self.redis.smembers(key)), None, 10**9)
-
-    def _records(self, ids: list[str], workflow: str | None, limit: int) -> list[RunRecord]:
+        ids = sorted(_text(i) for i in self.redis.smembers(key))
         out: list[RunRecord] = []
-        for start in range(0, len(ids), 200):
+        for start in range(0, len(ids), _BATCH):
+            batch = ids[start:start + _BATCH]
             pipe = self.redis.pipeline(transaction=False)
-            for run_id in ids[start:start + 200]:
+            for run_id in batch:
                 pipe.hget(self._rec(run_id), "doc")
-            for doc in pipe.execute():
-                if doc is None:
-                    continue  # expired after finishing
-                rec = RunRecord.model_validate_json(doc)
-                if workflow is None or rec.workflow == workflow:
-                    out.append(rec)
-                    if len(out) >= limit:
-                        return out
+            found = (_listed(i, doc) for i, doc in zip(batch, pipe.execute(), strict=True))
+            out += [rec for rec in found if rec is not None]
         return out
+
+    @_unavailable
+    def purge_expired(self, limit: int = 500) -> int:
+        return int(self._purge(keys=[self._idx("expiry")], args=[limit, self.key_prefix]))
+
+    @_unavailable
+    def quarantine(self, run_id: str) -> None:
+        self._quarantine(keys=[self._rec(run_id), self._idx("corrupt")],
+                         args=[run_id, self.key_prefix])
+
+    @_unavailable
+    def corrupt_runs(self) -> list[str]:
+        return sorted(_text(i) for i in self.redis.smembers(self._idx("corrupt")))
+
+    @_unavailable
+    def raw(self, run_id: str) -> dict[str, str] | None:
+        fields = self.redis.hgetall(self._rec(run_id))
+        if not fields:
+            return None
+        return {_text(k): _text(v) for k, v in fields.items()}
 
     def close(self) -> None:
         self.redis.close()
 
 
-def _loaded(v: bytes | None, doc: bytes | None, now: float, starts: int = 1) -> Loaded:
+def _loaded(run_id: str, v: bytes | None, doc: bytes | None, now: float,
+            starts: int = 1) -> Loaded:
     if doc is None:
         return Loaded(None, 0, now, starts)
-    return Loaded(RunRecord.model_validate_json(doc), int(v or 0), now, starts)
+    return Loaded(parse_record(run_id, doc), int(v or 0), now, starts)
+
+
+def _listed(run_id: str, doc: bytes | None) -> RunRecord | None:
+    """A listed run's record; None if it expired since it was listed, or is corrupt (the
+    sweep quarantines those: one bad record must not break every listing)."""
+    if doc is None:
+        return None
+    try:
+        return parse_record(run_id, doc)
+    except CorruptRecord:
+        return None
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _scored(rows: Any) -> list[tuple[str, float]]:
+    return [(_text(member), float(score)) for member, score in rows]
 
 
 def _redact(url: str) -> str:

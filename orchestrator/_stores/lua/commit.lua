@@ -1,33 +1,44 @@
 -- Compare-and-set a run record and keep its indexes in step, atomically.
--- KEYS[1] record hash {v, doc, fork}   KEYS[2] history list   KEYS[3] lease to release
--- (or KEYS[1])   KEYS[4] due zset   KEYS[5] status hash   KEYS[6] gates set
--- KEYS[7] results of a fork that closes (or KEYS[1])   KEYS[8..] per-approver gate sets
--- ARGV[1] expected version   ARGV[2] doc   ARGV[3] run id   ARGV[4] status
--- ARGV[5] due or ''   ARGV[6] retain seconds once finished (0: forever)
+-- KEYS[1] record hash {v, doc, fork, wf, hn, hl}   KEYS[2] history head   KEYS[3] tail
+-- KEYS[4] lease to release (or KEYS[1])   KEYS[5] results of a fork that closes (or KEYS[1])
+-- KEYS[6] due   KEYS[7] gates   KEYS[8] runs:status:<previous>   KEYS[9] runs:status:<new>
+-- KEYS[10] runs:wf:<w>:status:<previous>   KEYS[11] runs:wf:<w>:status:<new>
+-- KEYS[12] expiry   KEYS[13] expiry:workflow   KEYS[14..] per-approver gate sets
+-- ARGV[1] expected version   ARGV[2] doc   ARGV[3] run id   ARGV[4] created
+-- ARGV[5] due or ''   ARGV[6] retain seconds once finished (0: not finished)
 -- ARGV[7] gate op: 'open' | 'close' | ''   ARGV[8] open fork's token or ''
--- ARGV[9..] history entries
+-- ARGV[9] workflow   ARGV[10..] history entries
 local v = redis.call('HGET', KEYS[1], 'v')
 if v ~= ARGV[1] then return 0 end
+local id = ARGV[3]
 redis.call('HSET', KEYS[1], 'v', tostring(tonumber(v) + 1), 'doc', ARGV[2], 'fork', ARGV[8])
-for i = 9, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-if KEYS[3] ~= KEYS[1] then redis.call('DEL', KEYS[3]) end
-if KEYS[7] ~= KEYS[1] then redis.call('DEL', KEYS[7]) end
+for i = 10, #ARGV do append_history(KEYS[1], KEYS[2], KEYS[3], ARGV[i]) end
+if KEYS[4] ~= KEYS[1] then redis.call('DEL', KEYS[4]) end
+if KEYS[5] ~= KEYS[1] then redis.call('DEL', KEYS[5]) end
 if ARGV[5] == '' then
-  redis.call('ZREM', KEYS[4], ARGV[3])
+  redis.call('ZREM', KEYS[6], id)
 else
-  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[3])
+  redis.call('ZADD', KEYS[6], ARGV[5], id)
 end
-redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
+if KEYS[8] ~= KEYS[9] then
+  redis.call('ZREM', KEYS[8], id)
+  redis.call('ZREM', KEYS[10], id)
+  redis.call('ZADD', KEYS[9], ARGV[4], id)
+  redis.call('ZADD', KEYS[11], ARGV[4], id)
+end
 if ARGV[7] == 'open' then
-  redis.call('SADD', KEYS[6], ARGV[3])
-  for i = 8, #KEYS do redis.call('SADD', KEYS[i], ARGV[3]) end
+  redis.call('SADD', KEYS[7], id)
+  for i = 14, #KEYS do redis.call('SADD', KEYS[i], id) end
 elseif ARGV[7] == 'close' then
-  redis.call('SREM', KEYS[6], ARGV[3])
-  for i = 8, #KEYS do redis.call('SREM', KEYS[i], ARGV[3]) end
+  redis.call('SREM', KEYS[7], id)
+  for i = 14, #KEYS do redis.call('SREM', KEYS[i], id) end
 end
 local retain = tonumber(ARGV[6])
 if retain > 0 then
-  redis.call('EXPIRE', KEYS[1], retain)
-  redis.call('EXPIRE', KEYS[2], retain)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], retain) end
+  -- A second's margin: the purge must never find the record still there.
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[12], tonumber(t[1]) + retain + 1, id)
+  redis.call('HSET', KEYS[13], id, ARGV[9])
 end
 return 1

@@ -1,12 +1,16 @@
--- Create a run unless its id exists (start dedupe).
--- KEYS[1] record hash {v, doc}   KEYS[2] history list   KEYS[3] runs zset (id -> created)
--- KEYS[4] status hash (id -> status)   KEYS[5] due zset (id -> when the sweep looks)
--- ARGV[1] run id   ARGV[2] doc   ARGV[3] status   ARGV[4] created   ARGV[5] due or ''
--- ARGV[6..] history entries
+-- Create a run unless its id exists (start dedupe), with its index entries.
+-- KEYS[1] record hash   KEYS[2] history head   KEYS[3] history tail   KEYS[4] runs
+-- KEYS[5] runs:status:<s>   KEYS[6] runs:wf:<w>   KEYS[7] runs:wf:<w>:status:<s>
+-- KEYS[8] ids   KEYS[9] due   KEYS[10] expiry
+-- ARGV[1] run id   ARGV[2] doc   ARGV[3] workflow   ARGV[4] created   ARGV[5] due or ''
+-- ARGV[6] history limit   ARGV[7] key prefix   ARGV[8..] history entries
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', '1', 'doc', ARGV[2])
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
-if ARGV[5] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1]) end
+-- A run of the same id expired and the purge has not run yet: forget it now, or the purge
+-- would take this run's entries with it.
+if redis.call('ZSCORE', KEYS[10], ARGV[1]) then forget(ARGV[7], ARGV[1]) end
+redis.call('HSET', KEYS[1], 'v', '1', 'doc', ARGV[2], 'wf', ARGV[3], 'hl', ARGV[6])
+for i = 8, #ARGV do append_history(KEYS[1], KEYS[2], KEYS[3], ARGV[i]) end
+for i = 4, 7 do redis.call('ZADD', KEYS[i], ARGV[4], ARGV[1]) end
+redis.call('ZADD', KEYS[8], 0, ARGV[1])
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[9], ARGV[5], ARGV[1]) end
 return 1

@@ -1,0 +1,41 @@
+-- Functions shared by the scripts, prepended to each one (RedisStore._script), after a
+-- generated line `local STATUSES = {...}` listing every RunStatus value.
+
+-- Append a history entry, numbered n (the run's count so far) by prefixing `"n":n` to its
+-- JSON object. The first `hl` entries stay in `head`; later ones go to `tail`, which keeps
+-- the last `hl`: O(1) however long the run goes on. A list written after the run finished
+-- takes the record's remaining TTL, so it goes with the record.
+local function append_history(rec, head, tail, entry)
+  local n = redis.call('HINCRBY', rec, 'hn', 1) - 1
+  local limit = tonumber(redis.call('HGET', rec, 'hl'))
+  local stamped = '{"n":' .. n .. (entry == '{}' and '}' or ',' .. string.sub(entry, 2))
+  local list = head
+  if n >= limit then list = tail end
+  redis.call('RPUSH', list, stamped)
+  if n >= 2 * limit then redis.call('LPOP', tail) end
+  local ttl = redis.call('PTTL', rec)
+  if ttl > 0 then redis.call('PEXPIRE', list, ttl) end
+end
+
+-- Take a run out of the listings and timers. Keys are built here because which ones hold
+-- the run depends on its workflow, read from the store (see the key schema in redis.py).
+local function unindex(prefix, id, workflow)
+  redis.call('ZREM', prefix .. 'runs', id)
+  redis.call('ZREM', prefix .. 'runs:wf:' .. workflow, id)
+  for _, s in ipairs(STATUSES) do
+    redis.call('ZREM', prefix .. 'runs:status:' .. s, id)
+    redis.call('ZREM', prefix .. 'runs:wf:' .. workflow .. ':status:' .. s, id)
+  end
+  redis.call('ZREM', prefix .. 'due', id)
+  redis.call('SREM', prefix .. 'gates', id)
+end
+
+-- Drop every index entry of a run whose keys expired.
+local function forget(prefix, id)
+  local workflow = redis.call('HGET', prefix .. 'expiry:workflow', id) or ''
+  unindex(prefix, id, workflow)
+  redis.call('ZREM', prefix .. 'ids', id)
+  redis.call('SREM', prefix .. 'corrupt', id)
+  redis.call('ZREM', prefix .. 'expiry', id)
+  redis.call('HDEL', prefix .. 'expiry:workflow', id)
+end
