@@ -41,19 +41,19 @@ from orchestrator._runtime import Runtime  # noqa: E402
 
 # (label, file suffix, function name): cumulative CPU of these, per step.
 PHASES = [
-    ("Runtime.execute (all of it)", "_runtime.py", "execute"),
+    ("WorkerExecution.execute (all of it)", "_worker.py", "execute"),
     ("  store.begin_task: load + lease, 1 round trip", "redis.py", "begin_task"),
     ("    parse the record (pydantic)", "redis.py", "_loaded"),
     ("  run_task: context, the step, its outcome", "_executor.py", "run_task"),
-    ("  Runtime.apply: decide + commit", "_runtime.py", "apply"),
+    ("  Committer.apply: decide + commit", "_committer.py", "apply"),
     ("    engine.apply", "_engine.py", "apply"),
     ("      record.model_copy(deep=True)", "main.py", "model_copy"),
     ("    store.commit: serialize + script, 1 round trip", "redis.py", "commit"),
     ("      model_dump_json", "main.py", "model_dump_json"),
     ("  store.record_branch (branches), 1 round trip", "redis.py", "record_branch"),
-    ("  lease heartbeat hold/release", "base.py", "lease"),
+    ("  lease heartbeat hold/release", "_leases.py", "hold"),
     ("Runtime.start (run start)", "_runtime.py", "start"),
-    ("  Runtime.register -> spec_of -> Workflow.version", "_runtime.py", "register"),
+    ("  Registry.register -> spec_of -> Workflow.version", "_registry.py", "register"),
     ("  store.create, 1 round trip", "redis.py", "create"),
     ("redis-py: socket reads + writes (all calls)", "connection.py", "send_packed_command"),
     ("redis-py: read_response (all calls)", "connection.py", "read_response"),

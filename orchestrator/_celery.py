@@ -57,9 +57,9 @@ class OrchestratorApp(Celery):
         def run(run_id: str, token: int, branch: str | None = None, join: int | None = None,
                 attempt: int = 1) -> str:
             outcome = runtime.execute(workflow, run_id, token, branch, join, attempt)
-            # A failed branch that will be retried still counts toward its chord (the
-            # retry joins by itself), so only failures that end the attempt for good and
-            # failed steps are shown as FAILURE.
+            # A branch that will be retried must still count as a success toward its
+            # chord, so the chord's body joins; only a branch that failed the run, and
+            # any failed step, is shown as FAILURE.
             if outcome.error is not None and (branch is None or outcome.status == "failed"):
                 raise StepFailed(outcome.error)
             return outcome.status

@@ -27,7 +27,7 @@ class Outcome:
     """What became of a task, for the transport: Celery shows a committed failure as a
     FAILURE (with `error`), everything else as a success."""
 
-    status: str  # done | failed | ignored | skipped
+    status: str  # done | retrying | failed | ignored | skipped
     error: RunError | None = None
 
 
@@ -177,5 +177,6 @@ def _outcome_of(d: engine.Decision, event: engine.StepDone | engine.StepFailed) 
     if d.ignored:
         return Outcome("ignored")
     if isinstance(event, engine.StepFailed):
-        return Outcome("failed", event.error)
+        ended = d.record is not None and d.record.status.is_terminal
+        return Outcome("failed" if ended else "retrying", event.error)
     return Outcome("done")

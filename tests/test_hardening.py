@@ -252,3 +252,34 @@ def test_a_closed_embedded_runner_sends_nothing_more() -> None:
     runner.close()
     handle = runner.run({})  # committed in memory, never sent
     assert handle.status() is RunStatus.RUNNING
+
+
+# ---- an outage is one log line, not a traceback a second (10) -------------------------------
+
+
+class _Unreachable(MemoryStore):
+    down = True
+
+    def claim_due(self, limit: int, hold_for: float) -> list[str]:
+        if self.down:
+            from orchestrator import StoreUnavailable
+
+            raise StoreUnavailable("Redis at redis://x is unreachable")
+        return super().claim_due(limit, hold_for)
+
+
+def test_a_store_outage_logs_one_line_then_one_on_recovery(
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = _Unreachable("o:")
+    runtime = Runtime(_Silent(), store_factory=lambda prefix: store)
+    runtime.register(Workflow("Out", "").persistence(key_prefix="o:").flow({START: lambda c: END}))
+    with caplog.at_level(logging.INFO, "orchestrator.sweep"):
+        for _ in range(30):
+            assert runtime.sweep_all() == 0
+        store.down = False
+        runtime.sweep_all()
+    lines = [r for r in caplog.records if r.name == "orchestrator.sweep"]
+    assert [r.getMessage() for r in lines] == [
+        "sweep paused: Redis at redis://x is unreachable",
+        "sweep resumed after 30 failed pass(es)"]
+    assert not any(r.exc_info for r in lines)

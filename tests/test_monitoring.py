@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import RunStatus, WorkflowRunner
+from tests import flows
 from tests.conftest import Cluster, Process, free_port, get_json, wait_for
 from workers.deploy import build_and_deploy
 
@@ -40,6 +41,22 @@ def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
         names = {t["name"] for t in (get_json(f"{base}/api/tasks") or {}).values()}
         assert {"BuildAndDeploy.START", "BuildAndDeploy.Build", "BuildAndDeploy.branch",
                 "BuildAndDeploy.Deploy", "BuildAndDeploy.Release"} <= names
+
+        # A step that raised shows as FAILURE, with its error, and is not retried.
+        doomed = WorkflowRunner(flows.doomed, app=cluster.app).run({})
+        assert doomed.result(timeout=60).status is RunStatus.FAILED
+
+        def failed_task() -> dict[str, Any] | None:
+            tasks = get_json(f"{base}/api/tasks?state=FAILURE") or {}
+            return next((t for t in tasks.values() if t.get("name") == "Doomed.START"
+                         and doomed.run_id in str(t.get("args"))), None)
+
+        task = wait_for(failed_task, 60, 0.2, what="Flower to show Doomed.START failed")
+        assert f"doomed {doomed.run_id}" in task["exception"]
+        assert task["retries"] == 0
+        tries = [t for t in (get_json(f"{base}/api/tasks") or {}).values()
+                 if t.get("name") == "Doomed.START" and doomed.run_id in str(t.get("args"))]
+        assert len(tries) == 1
     finally:
         flower.terminate()
 

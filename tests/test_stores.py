@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -326,3 +327,19 @@ def test_a_corrupt_record_is_reported_skipped_and_quarantined(store: RunStore) -
     assert store.claim_due(10, 30) == []  # its timer was due: the sweep no longer sees it
     assert store.count_runs()[RunStatus.WAITING] == 0
     assert store.find_run_ids("r") == ["r1", "r2"]  # still addressable, for `status --raw`
+
+
+def test_a_run_written_before_histories_were_capped_keeps_numbering(redis_url: str) -> None:
+    """Runs in flight across the upgrade have no history counters: the next append
+    starts numbering after what their list holds."""
+    store = RedisStore(redis_url, "old:")
+    rec = new_run(store)
+    key = f"old:run:{{{rec.run_id}}}"
+    client = store.redis
+    client.hdel(key, "hl", "hn")
+    client.rpush(f"{key}:history", json.dumps({"event": "legacy"}))
+    store.note(rec.run_id, {"event": "after_upgrade"})
+    entries = store.history(rec.run_id)
+    assert [e.get("event") for e in entries][-2:] == ["legacy", "after_upgrade"]
+    assert entries[-1]["n"] == len(entries) - 1
+    store.close()

@@ -6,8 +6,12 @@
 -- the last `hl`: O(1) however long the run goes on. A list written after the run finished
 -- takes the record's remaining TTL, so it goes with the record.
 local function append_history(rec, head, tail, entry)
-  local n = redis.call('HINCRBY', rec, 'hn', 1) - 1
   local limit = tonumber(redis.call('HGET', rec, 'hl'))
+  if limit == nil then  -- a run written before histories were capped: number on from it
+    limit = 1000
+    redis.call('HSET', rec, 'hl', limit, 'hn', redis.call('LLEN', head))
+  end
+  local n = redis.call('HINCRBY', rec, 'hn', 1) - 1
   local stamped = '{"n":' .. n .. (entry == '{}' and '}' or ',' .. string.sub(entry, 2))
   local list = head
   if n >= limit then list = tail end
