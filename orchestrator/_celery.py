@@ -33,6 +33,9 @@ def create_app(
 ) -> Celery:
     """A Celery app hosting `workflows` plus every workflow found in `settings.workflows`."""
     settings = settings or Settings.from_env()
+    from . import _kombu_fixes  # workers must survive a Redis restart under load
+
+    _kombu_fixes.install()
     app = Celery("orchestrator", set_as_current=False)
     app.conf.update(celery_config(settings))
     runtime = Runtime(CeleryDispatcher(app), settings)
