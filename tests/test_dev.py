@@ -71,8 +71,13 @@ def test_compose_has_the_topology() -> None:
     assert volume.split(":")[0] in COMPOSE["volumes"]  # a named volume, declared
     assert _argv(redis["healthcheck"]["test"])[-2:] == ["redis-cli", "ping"]
     flower = SERVICES["flower"]
-    assert "5555:5555" in flower["ports"]
-    assert flower["environment"]["FLOWER_UNAUTHENTICATED_API"] == "true"
+    # Published on the host's loopback only, password always asked; inside the container
+    # it must listen on every interface for Docker to forward to it.
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
+    _, ctx = _parse(_argv(flower["command"]))
+    assert ctx.params["address"] == "0.0.0.0"
 
 
 def test_compose_worker_scales() -> None:
