@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 
-from . import _logging
+from . import _kombu_fixes, _logging
 from ._config import Settings, celery_config
 from ._definition import Workflow
 from ._dispatch.base import branch_task_name, step_task_name
@@ -76,10 +76,10 @@ def create_app(
 ) -> OrchestratorApp:
     """A Celery app hosting `workflows` plus every workflow found in `settings.workflows`."""
     settings = settings or Settings.from_env()
+    _kombu_fixes.install()  # workers must survive a Redis restart under load
     app = OrchestratorApp("orchestrator", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.runtime = Runtime(CeleryDispatcher(app), settings, middleware=middleware)
-    app.steps["worker"].add(RunContextLogs)
     found = list(workflows)
     if import_modules:
         for module in settings.workflows:
@@ -103,14 +103,18 @@ def find_workflows(module: ModuleType) -> list[Workflow]:
     return found
 
 
-class RunContextLogs(bootsteps.StartStopStep):
-    """Worker logs carry the run id and step, as text or JSON lines. Installed when the
-    worker starts (its logging is set up by then), and inherited by pool children."""
+def _run_context_logs(logger: logging.Logger, **kwargs: Any) -> None:
+    """Worker logs carry the run id and step, as text or JSON lines. Celery sets up logging
+    in the worker and again in every pool child; it is the current app by then."""
+    from celery import current_app
 
-    def start(self, worker: Any) -> None:
-        fmt = worker.app.runtime.settings.log_format
-        for name in ("", "celery", "celery.task"):
-            _logging.install(logging.getLogger(name), fmt)
+    runtime = getattr(current_app, "runtime", None)
+    _logging.install(logger, runtime.settings.log_format if runtime is not None else "text")
+
+
+# Connected once for the process (dispatch_uid), not once per app.
+for _signal in (signals.after_setup_logger, signals.after_setup_task_logger):
+    _signal.connect(_run_context_logs, weak=False, dispatch_uid="orchestrator-run-context")
 
 
 class Sweeper(bootsteps.StartStopStep):

@@ -1,7 +1,9 @@
 """`orchestrator dev`: the docker-compose topology as local processes, Procfile style.
 
-Redis (started if nothing answers on its port), one coordinator, N workers, Flower, and the
-example run: each child's output is prefixed with its name, and Ctrl-C stops them all.
+Redis, one coordinator, N workers, Flower, and the example run: each child's output is
+prefixed with its name, and Ctrl-C stops them all. Redis is the one `--redis-url` or
+ORCHESTRATOR_REDIS_URL names, else 127.0.0.1 on `--redis-port`; dev starts a redis-server
+only where nothing answers and the address is this machine's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, NoReturn
+from urllib.parse import urlsplit
 
 import click
 import redis
@@ -65,18 +68,17 @@ class Child:
         stream.close()
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 @dataclass(frozen=True)
 class Plan:
     workers: int
     concurrency: int
     flower_port: int | None
-    redis_port: int
+    redis_url: str
     example: bool
     exit_after_example: bool
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
 
 
 class Topology:
@@ -150,17 +152,16 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
 
 
-def _pings(port: int) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1,
-                         socket_connect_timeout=1)
+def _pings(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -189,19 +190,24 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
-def _ensure_redis(topology: Topology, port: int, scratch: str) -> None:
-    if _answers(port):
-        if not _pings(port):
-            raise click.ClickException(f"something other than Redis listens on port {port}")
-        console.print(f"using the Redis already on port {port}")
+def _ensure_redis(topology: Topology, url: str, scratch: str) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if _answers(port, host):
+        if not _pings(url):
+            raise click.ClickException(f"something other than Redis (or a Redis that refuses "
+                                       f"us) listens at {host}:{port}")
+        console.print(f"using the Redis already at {host}:{port}")
         return
+    if host not in LOCAL_HOSTS:
+        raise click.ClickException(f"no Redis answers at {host}:{port}")
     binary = shutil.which("redis-server")
     if binary is None:
-        raise click.ClickException("redis-server is not installed (or pass the port of one)")
+        raise click.ClickException("redis-server is not installed (or pass the URL of one)")
     topology.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
                              "--appendonly", "yes", "--dir", scratch, "--save", ""],
                    last=True)
-    topology.wait_until(lambda: _pings(port), 30, "redis-server")
+    topology.wait_until(lambda: _pings(url), 30, "redis-server")
 
 
 def _start_cluster(topology: Topology, workers: int, concurrency: int) -> None:
@@ -217,7 +223,7 @@ def _start_flower(topology: Topology, port: int) -> None:
     # Checked first, or another server on the port would pass for Flower's readiness.
     if _answers(port):
         raise click.ClickException(f"port {port} is taken; pass --flower-port or --no-flower")
-    topology.start("flower", [*CLI, "flower", "--port", str(port), "--address=127.0.0.1"],
+    topology.start("flower", [*CLI, "flower", "--port", str(port)],
                    extra_env={"FLOWER_UNAUTHENTICATED_API": "true"})
     topology.wait_until(lambda: _answers(port), 60, "Flower")
     console.print(f"Flower: http://127.0.0.1:{port}")
@@ -233,16 +239,33 @@ def _run_example(topology: Topology) -> int:
 
 
 def _run(topology: Topology, plan: Plan, scratch: str) -> int:
-    _ensure_redis(topology, plan.redis_port, scratch)
+    _ensure_redis(topology, plan.redis_url, scratch)
     _start_cluster(topology, plan.workers, plan.concurrency)
     if plan.flower_port is not None:
         _start_flower(topology, plan.flower_port)
     console.print(f"[bold]ready[/bold]: coordinator and {plan.workers} worker(s) on "
-                  f"{plan.redis_url}")
+                  f"{_redact(plan.redis_url)}")
     code = _run_example(topology) if plan.example else 0
     if plan.exit_after_example:
         return code
     topology.idle()
+
+
+def _redis_url(ctx: click.Context, settings: Settings, port: int) -> str:
+    """The configured Redis (--redis-url or ORCHESTRATOR_REDIS_URL), else --redis-port's."""
+    group = ctx.parent.params if ctx.parent is not None else {}
+    configured = group.get("redis_url") or os.environ.get("ORCHESTRATOR_REDIS_URL")
+    if not configured:
+        return f"redis://127.0.0.1:{port}/0"
+    if ctx.get_parameter_source("redis_port") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--redis-port goes without --redis-url and "
+                               "ORCHESTRATOR_REDIS_URL (put the port in the URL)")
+    return settings.redis_url
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
 
 
 @click.command()
@@ -252,7 +275,8 @@ def _run(topology: Topology, plan: Plan, scratch: str) -> int:
 @click.option("--flower/--no-flower", default=True, show_default=True)
 @click.option("--flower-port", type=int, default=5555, show_default=True)
 @click.option("--redis-port", type=int, default=6379, show_default=True,
-              help="Use the Redis on this port, or start one there.")
+              help="Without --redis-url or ORCHESTRATOR_REDIS_URL: use the Redis on "
+                   "127.0.0.1 at this port, or start one there.")
 @click.option("--example/--no-example", default=True, show_default=True,
               help="Run the BuildAndDeploy example once the cluster is ready.")
 @click.option("--exit-after-example", is_flag=True,
@@ -263,8 +287,8 @@ def dev(ctx: click.Context, workers: int, concurrency: int, flower: bool, flower
         redis_port: int, example: bool, exit_after_example: bool) -> None:
     """Start Redis, a coordinator, workers and Flower as local processes."""
     settings = ctx.find_object(Settings) or Settings.from_env()
-    plan = Plan(workers, concurrency, flower_port if flower else None, redis_port, example,
-                exit_after_example)
+    plan = Plan(workers, concurrency, flower_port if flower else None,
+                _redis_url(ctx, settings, redis_port), example, exit_after_example)
     topology = Topology(child_env(settings, plan.redis_url))
     previous = {s: signal.signal(s, topology.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     scratch = tempfile.mkdtemp(prefix="orchestrator-dev-")

@@ -110,8 +110,10 @@ class Runtime:
         return self.committer.start(self.store_for(key_prefix), spec, input, state, run_id)
 
     def apply(self, store: RunStore, run_id: str, make_event: EventMaker,
-              spec: FlowSpec | None = None, *, loaded: Loaded | None = None) -> engine.Decision:
-        return self.committer.apply(store, run_id, make_event, spec, loaded=loaded)
+              spec: FlowSpec | None = None, *, release: str | None = None,
+              loaded: Loaded | None = None) -> engine.Decision:
+        return self.committer.apply(store, run_id, make_event, spec, release=release,
+                                    loaded=loaded)
 
     # ---- on a worker ----------------------------------------------------------------
 

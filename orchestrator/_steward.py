@@ -60,6 +60,7 @@ class CatalogEntry(BaseModel):
     input_schema: dict[str, Any]
     state_schema: dict[str, Any]
     graph: dict[str, list[str]]
+    shape: dict[str, dict[str, Any]] = {}  # each step's next steps, fork branches, gate
     queues: dict[str, str]
     steps: dict[str, dict[str, Any]]
     imperative: bool
@@ -112,6 +113,7 @@ def entry_of(wf: Workflow) -> CatalogEntry:
         input_schema=wf.input_model.model_json_schema(),
         state_schema=wf.state_model.model_json_schema(),
         graph=_graph.edges(wf), queues=wf.queues(),
+        shape={n: dict(node) for n, node in _graph.shape(wf).items()},
         steps={n: {"policy": s.policy.model_dump(mode="json"), "route": s.route}
                for n, s in spec.steps.items()},
         imperative=wf.is_imperative, initial_state=wf.state_model().model_dump(mode="json"),

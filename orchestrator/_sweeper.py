@@ -35,8 +35,8 @@ class QueueView:
         return self._lengths[queue] > 0
 
     def waiting(self, run_id: str, task: Task) -> bool | None:
-        """Whether a message of `task` still waits in its queue (or is held unacked by a
-        worker); None where the transport cannot tell."""
+        """Whether a message of `task` still waits in its queue; None where the transport
+        cannot tell."""
         if task.queue not in self._messages:
             self._messages[task.queue] = self._dispatcher.message_ids(task.queue)
         ids = self._messages[task.queue]

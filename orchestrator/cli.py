@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import click
 import kombu.exceptions
@@ -43,7 +43,7 @@ from ._engine import ControlError
 from ._records import Gate, RunRecord, RunStatus
 from ._runner import RunHandle, WorkflowRunner
 from ._runtime import RunNotFound, UnknownWorkflow
-from ._stores import StoreUnavailable
+from ._stores import CorruptRecord, RunStore, StoreUnavailable
 
 EXIT_RUN_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN = 1, 2, 3, 4
 EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_WAITING = 5, 6, 7
@@ -69,7 +69,7 @@ ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
 # Most specific first: TimeoutError and PermissionError are OSErrors, and OSError further
 # down means the network; pydantic's ValidationError and InvalidInput are ValueErrors.
 EXIT_CODES: Sequence[tuple[ExceptionTypes, int]] = (
-    (RunEnded, EXIT_RUN_FAILED),
+    ((RunEnded, CorruptRecord), EXIT_RUN_FAILED),
     (AtGate, EXIT_WAITING),
     (TimeoutError, EXIT_TIMEOUT),
     (PermissionError, EXIT_FORBIDDEN),
@@ -92,6 +92,8 @@ def _message(exc: BaseException, code: int) -> str:
         return f"timed out: {exc}"
     if isinstance(exc, ValidationError):
         return f"invalid input: {_one_line(exc)}"
+    if isinstance(exc, CorruptRecord):  # the run cannot go on; its data stays readable
+        return f"{exc}; `orchestrator status {exc.run_id} --raw` shows what is stored"
     if isinstance(exc, LookupError) and exc.args:  # str() of a KeyError adds quotes
         return str(exc.args[0])
     return str(exc)
@@ -322,24 +324,32 @@ def _drive(handle: RunHandle, approve_as: str | None, timeout: float | None, qui
 
 
 def _progress(handle: RunHandle) -> Iterator[tuple[dict[str, Any] | None, RunRecord | None]]:
-    """History entries as they land, and the record whenever nothing new arrived."""
-    seen, wait = 0, 0.02
+    """History entries as they land, and the record whenever nothing new arrived.
+
+    Followed by sequence number (`n`), not by counting: the store drops the middle of a
+    long history, and its `history_trimmed` marker (no `n`) stands for many entries."""
+    start, wait = 0, 0.02
     while True:
-        entries = handle.history(seen)
-        seen += len(entries)
+        entries = handle.history(start)
+        start = _after(entries, start)
         for entry in entries:
             yield entry, None
-        if entries:
+        if any("n" in e for e in entries):
             wait = 0.02
             continue
         rec = handle.record()
         if rec.status.is_terminal:
-            for entry in handle.history(seen):
+            for entry in handle.history(start):
                 yield entry, None
             return
         yield None, rec
         time.sleep(wait)
         wait = min(wait * 1.5, 0.5)
+
+
+def _after(entries: list[dict[str, Any]], start: int) -> int:
+    """Where to continue: past the last numbered entry."""
+    return max((e["n"] + 1 for e in entries if "n" in e), default=start)
 
 
 def ask(handle: RunHandle, gate: Gate,
@@ -367,7 +377,7 @@ def _describe(entry: dict[str, Any]) -> str:
     event = entry.get("event", "?")
     step = entry.get("step")
     step = "START" if step == "__start__" else step
-    extras = {k: v for k, v in entry.items() if k not in ("at", "event", "step")}
+    extras = {k: v for k, v in entry.items() if k not in ("at", "event", "step", "n")}
     detail = " ".join(f"{k}={v}" for k, v in extras.items())
     mark = {"step_completed": "[green]✓[/green]", "failed": "[red]✗[/red]",
             "completed": "[green]●[/green]", "gate_opened": "[yellow]?[/yellow]",
@@ -498,15 +508,25 @@ def workflows(settings: Settings, as_json: bool) -> None:
 def runs(settings: Settings, status_filter: str | None, workflow: str | None, limit: int,
          as_json: bool) -> None:
     """List runs, newest first."""
-    records = _client(settings).runs(RunStatus(status_filter) if status_filter else None,
-                                     workflow, limit)
+    client = _client(settings)
+    records = client.runs(RunStatus(status_filter) if status_filter else None, workflow, limit)
+    # Quarantined runs have no readable record, so no status: listed unless one is asked for.
+    corrupt = [] if status_filter else sorted(
+        run_id for store in _stores(client) for run_id in store.corrupt_runs())
     if as_json:
-        _emit([_summary(r) for r in records])
+        _emit([_summary(r) for r in records] + [{"run_id": run_id, "status": "corrupt"}
+                                                for run_id in corrupt])
         return
     rows = [[r.run_id, r.workflow, r.status.value, _step_name(r.current_step),
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))]
-            for r in records]
+            for r in records] + [[run_id, "?", "corrupt", "", ""] for run_id in corrupt]
     out.print(_table(["run", "workflow", "status", "step", "created"], rows, whole=["run"]))
+
+
+def _stores(client: Client) -> list[RunStore]:
+    """The store of every workflow in the catalog (runs of one prefix share one)."""
+    return [client.runtime.store_for(prefix)
+            for prefix in sorted({e.key_prefix for e in client.workflows()})]
 
 
 def _summary(r: RunRecord) -> dict[str, Any]:
@@ -532,12 +552,17 @@ def _shown_status(client: Client, rec: RunRecord) -> str:
 @cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--raw", is_flag=True,
+              help="The run's stored fields as they are (JSON), also when they are corrupt.")
 @click.pass_obj
 @_guard
-def status(settings: Settings, run_id: str, as_json: bool) -> None:
+def status(settings: Settings, run_id: str, as_json: bool, raw: bool) -> None:
     """A run's status, current step, state, results and history. Exits 1 if the run
-    failed or was stopped."""
+    failed or was stopped (or its record is corrupt)."""
     client = _client(settings)
+    if raw:
+        _emit(_raw(client, run_id))
+        return
     handle = client.attach(run_id)
     rec, history = handle.record(), handle.history()
     if as_json:
@@ -552,6 +577,17 @@ def status(settings: Settings, run_id: str, as_json: bool) -> None:
         for entry in history:
             out.print(_describe(entry))
     _end(rec.status)
+
+
+def _raw(client: Client, run_id: str) -> dict[str, Any]:
+    try:
+        full = client.attach(run_id).run_id  # a unique prefix will do
+    except CorruptRecord as exc:  # an exact id whose record does not parse
+        full = exc.run_id
+    fields = next((f for store in _stores(client) if (f := store.raw(full)) is not None), None)
+    if fields is None:
+        raise RunNotFound(f"no run {run_id!r}")
+    return {"run_id": full, "fields": fields}
 
 
 @cli.command()
@@ -624,12 +660,14 @@ def gates(settings: Settings, approver: str | None, as_json: bool) -> None:
 @click.pass_obj
 @_guard
 def graph(settings: Settings, target: str, mermaid: bool, as_json: bool) -> None:
-    """The step graph of a workflow (module:attribute, or a name from the catalog): forks
-    (`=fork=>`) and gates (`?gate?`) show for module:attribute, read from the code."""
+    """The step graph of a workflow (module:attribute, or a name from the catalog), with
+    its forks (`=fork=>`) and gates (`?gate?`), read from the code."""
     if ":" in target:
         shape = _graph.shape(load_workflow(target))
     else:
-        shape = _graph.from_edges(_client(settings).workflow(target).graph)
+        entry = _client(settings).workflow(target)
+        shape = (cast(dict[str, _graph.Node], entry.shape) if entry.shape
+                 else _graph.from_edges(entry.graph))
     if as_json:
         _emit(shape)
     elif mermaid:

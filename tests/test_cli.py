@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from orchestrator._stores import RedisStore
 from tests.conftest import ROOT, TEST_ENV, Cluster, free_port, wait_for
 
 
@@ -143,6 +145,9 @@ def test_graph_text_mermaid_and_json(redis_url: str, cluster: Cluster) -> None:
     shape = cli_json(redis_url, "graph", "workers.deploy:build_and_deploy")
     assert shape["Deploy"] == {"next": ["Release"], "fork": [], "gate": True}
     assert cli_json(redis_url, "graph", "Loop")["Tick"]["next"] == ["Tick", "__end__"]
+    # By catalog name too: the catalog publishes forks and gates.
+    published = cli(redis_url, "graph", "BuildAndDeploy").stdout.splitlines()
+    assert published == text
 
 
 def test_embedded_run_with_approve_as(redis_url: str) -> None:
@@ -324,3 +329,64 @@ def test_flower_listens_on_loopback_only_by_default(redis_url: str, tmp_path: An
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def _catalog_without_live_workers(cluster_factory: Callable[..., Cluster]) -> None:
+    """The catalog of tests.flows, published by a worker that has left again."""
+    cluster = cluster_factory()
+    cluster.worker("gone")
+    cluster.stop()  # a clean shutdown withdraws the host; the entries stay
+
+
+def test_queue_anyway_enqueues_for_no_live_worker_and_status_says_queued(
+        cluster_factory: Callable[..., Cluster], redis_url: str) -> None:
+    _catalog_without_live_workers(cluster_factory)
+    refused = cli(redis_url, "run", "Branching", "--remote", "--input", '{"value": 1}',
+                  check=False)
+    assert refused.returncode == 3 and "queue" in refused.stderr
+    run_id = cli_json(redis_url, "run", "Branching", "--remote", "--queue-anyway", "--no-wait",
+                      "--input", '{"value": 1}')["run_id"]
+    assert f"{run_id}: queued at Check" in cli(redis_url, "status", run_id).stdout
+
+
+def test_a_corrupt_run_is_listed_and_its_fields_readable(
+        cluster_factory: Callable[..., Cluster], redis_url: str,
+        rclient: redis.Redis) -> None:
+    _catalog_without_live_workers(cluster_factory)
+    run_id = cli_json(redis_url, "run", "Branching", "--remote", "--queue-anyway", "--no-wait",
+                      "--input", '{"value": 1}')["run_id"]
+    store = RedisStore(redis_url, "orchestrator:")
+    rclient.hset(f"orchestrator:run:{{{run_id}}}", "doc", "{torn")
+    store.quarantine(run_id)
+    store.close()
+    assert [r for r in cli_json(redis_url, "runs") if r["run_id"] == run_id] == [
+        {"run_id": run_id, "status": "corrupt"}]
+    assert run_id in cli(redis_url, "runs", COLUMNS="80").stdout
+    shown = cli(redis_url, "status", run_id, check=False)
+    assert shown.returncode == 1 and "--raw" in shown.stderr and "Traceback" not in shown.stderr
+    raw = json.loads(cli(redis_url, "status", run_id[:10], "--raw").stdout)
+    assert raw["run_id"] == run_id and raw["fields"]["doc"] == "{torn"
+
+
+def test_watch_and_status_follow_a_trimmed_history_by_number(
+        cluster_factory: Callable[..., Cluster], redis_url: str) -> None:
+    _catalog_without_live_workers(cluster_factory)
+    from orchestrator import WorkflowRunner, local_runtime
+    from tests.flows import loop
+
+    store = RedisStore(redis_url, "loop:", history_limit=3)
+    runtime = local_runtime(store)
+    try:
+        handle = WorkflowRunner(loop, runtime=runtime).run({"times": 30})
+        handle.result(timeout=60)
+    finally:
+        runtime.close()
+    entries = handle.history()
+    assert entries[3]["event"] == "history_trimmed"  # first 3, the marker, last 3
+    names = {e["event"] for e in entries}
+    for command in ("status", "watch"):
+        out = cli(redis_url, command, handle.run_id).stdout
+        # History lines are indented: "  ✓ step_completed Tick ..."
+        words = [line.split() for line in out.splitlines() if line.startswith("  ")]
+        shown = [w[1] for w in words if len(w) > 1 and w[1] in names]
+        assert shown == [e["event"] for e in entries], (command, shown)

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 import pytest
+import redis
 import yaml
 from celery.bin.worker import worker as celery_worker
 from flower.options import options as flower_options
@@ -70,8 +71,13 @@ def test_compose_has_the_topology() -> None:
     assert volume.split(":")[0] in COMPOSE["volumes"]  # a named volume, declared
     assert _argv(redis["healthcheck"]["test"])[-2:] == ["redis-cli", "ping"]
     flower = SERVICES["flower"]
-    assert "5555:5555" in flower["ports"]
-    assert flower["environment"]["FLOWER_UNAUTHENTICATED_API"] == "true"
+    # Published on the host's loopback only, password always asked; inside the container
+    # it must listen on every interface for Docker to forward to it.
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
+    _, ctx = _parse(_argv(flower["command"]))
+    assert ctx.params["address"] == "0.0.0.0"
 
 
 def test_compose_worker_scales() -> None:
@@ -322,5 +328,40 @@ def test_dev_refuses_a_port_something_else_listens_on() -> None:
                               env=_dev_env(), cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
     assert proc.returncode == 1
-    assert f"something other than Redis listens on port {port}" in proc.stderr
+    assert "something other than Redis" in proc.stderr
+    assert f"listens at 127.0.0.1:{port}" in proc.stderr
     _none_left(port)
+
+
+def test_dev_uses_the_redis_the_settings_name(redis_url: str) -> None:
+    """ORCHESTRATOR_REDIS_URL (or --redis-url) is where everything goes; nothing is started,
+    and nothing is written to whatever answers on 6379."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    env = {**_dev_env(), "ORCHESTRATOR_REDIS_URL": redis_url}
+    proc = subprocess.run(_dev_argv("--workers", "1", "--no-flower", "--exit-after-example"),
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert not _lines_of(out, "redis")  # the configured one answered: none started
+    assert f"using the Redis already at 127.0.0.1:{port}" in out
+    assert f"ready: coordinator and 1 worker(s) on {redis_url}" in out
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.keys("deploy:run:*"), "the example's run is not in the configured Redis"
+    finally:
+        client.close()
+
+
+def test_dev_refuses_a_port_beside_a_configured_url(redis_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "dev.log"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--redis-url", redis_url,
+                             "dev", "--redis-port", str(free_port()), "--no-flower",
+                             "--no-example"], env=_dev_env(), cwd=ROOT, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert proc.wait(60) == 2, log.read_text()
+        assert "--redis-port" in log.read_text()
+    finally:
+        if proc.poll() is None:  # it started a topology instead: SIGTERM stops it all
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)

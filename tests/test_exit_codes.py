@@ -42,6 +42,7 @@ def test_an_unexpected_error_is_not_given_a_code() -> None:
 
 def test_0_and_2_and_3_without_a_cluster(redis_url: str) -> None:
     assert cli(redis_url, "runs").returncode == 0
+    assert cli_json(redis_url, "recover") == {"recovered": 0}
     missing = cli(redis_url, "status", "no-such-run", check=False)
     assert missing.returncode == 3 and "no-such-run" in missing.stderr
     usage = cli(redis_url, "status", check=False)

@@ -208,7 +208,7 @@ class _Recorder(Dispatcher):
 
 
 def test_a_sweep_leaves_runs_of_workflows_it_does_not_host_to_who_does(redis_url: str) -> None:
-    settings = Settings(redis_url=redis_url, redispatch_after=0.0)
+    settings = Settings(redis_url=redis_url, redispatch_after=0.001)
     store = RedisStore(redis_url)
     host, other = _Recorder(), _Recorder()
     hosting = Runtime(host, settings, [flows.branching], store_factory=lambda p: store)

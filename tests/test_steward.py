@@ -49,7 +49,7 @@ def test_steward_registers_publishes_and_is_found_in_a_module(rclient: redis.Red
     assert entry.hosts == ["w1@box", "w2@box"]
     assert entry.version == build_and_deploy.version and entry.key_prefix == "deploy:"
     assert entry.initial_state == {"commit": None, "artifact": None, "released": False}
-    assert entry.spec().steps["Clone"].queue == "orchestrator.steps"
+    assert entry.spec().steps["Clone"].policy.queue == "orchestrator.steps"
     assert catalog["Loop"].graph["Tick"] == ["Tick", "__end__"]
     assert read_cluster_settings(rclient) == {"redispatch_after": 60.0, "join_after": 5.0,
                                               "lease_ttl": 30.0}

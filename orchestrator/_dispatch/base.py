@@ -19,8 +19,8 @@ class Dispatcher(abc.ABC):
         return 0
 
     def message_ids(self, queue: str) -> frozenset[str] | None:
-        """Ids of the messages waiting in `queue` or held unacknowledged by a worker;
-        None where the transport cannot list them."""
+        """Ids of the messages waiting in `queue` (not yet taken by a worker); None where
+        the transport cannot list them."""
         return None
 
     @staticmethod

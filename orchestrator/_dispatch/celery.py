@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, chord
 from celery.backends.redis import RedisBackend
@@ -73,23 +73,23 @@ class CeleryDispatcher(Dispatcher):
             return 0
 
     def message_ids(self, queue: str) -> frozenset[str] | None:
-        """On kombu's Redis transport a queue is a list of JSON messages and the ones a
-        worker holds unacknowledged sit in a hash: both can be read. Elsewhere: None."""
+        """On kombu's Redis transport a queue is a list of JSON messages: it can be read.
+        Messages a worker took but holds unacknowledged are not counted as waiting: with
+        prefetch 1 a live worker is running them (and holds their lease), so one without a
+        lease was taken by a worker that died, and kombu would only give it back after the
+        visibility timeout. Elsewhere: None."""
         try:
             with self.app.connection_for_read() as conn:
                 if conn.transport.driver_type != "redis":
                     return None
-                channel: Any = conn.default_channel
-                client = channel.client
+                client = cast(Any, conn.default_channel).client
                 if client.llen(queue) > MAX_LISTED:
                     return None
                 waiting = client.lrange(queue, 0, -1)
-                held = [json.loads(v)[0] for v in client.hvals(channel.unacked_key)]
         except Exception as exc:  # the sweep then falls back to the backlog rule
             log.debug("cannot list queue %s: %s", queue, exc)
             return None
-        ids = [json.loads(m).get("headers", {}).get("id") for m in waiting]
-        ids += [m.get("headers", {}).get("id") for m in held if isinstance(m, dict)]
+        ids = (json.loads(m).get("headers", {}).get("id") for m in waiting)
         return frozenset(i for i in ids if i)
 
     def _signature(self, workflow: str, run_id: str, task: Task) -> Any:
