@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -223,10 +224,16 @@ def _start_flower(topology: Topology, port: int) -> None:
     # Checked first, or another server on the port would pass for Flower's readiness.
     if _answers(port):
         raise click.ClickException(f"port {port} is taken; pass --flower-port or --no-flower")
+    # Never Flower's unauthenticated API (a page in any browser here could shut workers
+    # down): basic auth, with a password made for this session unless one is configured.
+    configured = os.environ.get("FLOWER_BASIC_AUTH")
+    auth = configured or f"dev:{secrets.token_urlsafe(12)}"
     topology.start("flower", [*CLI, "flower", "--port", str(port)],
-                   extra_env={"FLOWER_UNAUTHENTICATED_API": "true"})
+                   extra_env={"FLOWER_BASIC_AUTH": auth})
     topology.wait_until(lambda: _answers(port), 60, "Flower")
-    console.print(f"Flower: http://127.0.0.1:{port}")
+    login = "as FLOWER_BASIC_AUTH says" if configured else f"as {auth}"
+    console.print(f"Flower: http://127.0.0.1:{port} (log in {login})", soft_wrap=True,
+                  markup=False)
 
 
 def _run_example(topology: Topology) -> int:

@@ -24,8 +24,9 @@ log = logging.getLogger("orchestrator.sweep")
 class QueueView:
     """What the sweep learns about queues in one pass, asking each queue once."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, starting_within: float) -> None:
         self._dispatcher = dispatcher
+        self._starting_within = starting_within
         self._lengths: dict[str, int] = {}
         self._messages: dict[str, frozenset[str] | None] = {}
 
@@ -35,10 +36,11 @@ class QueueView:
         return self._lengths[queue] > 0
 
     def waiting(self, run_id: str, task: Task) -> bool | None:
-        """Whether a message of `task` still waits in its queue; None where the transport
-        cannot tell."""
+        """Whether a message of `task` still waits in its queue (or a worker took it so
+        recently that it has not taken the lease yet); None where the transport cannot tell."""
         if task.queue not in self._messages:
-            self._messages[task.queue] = self._dispatcher.message_ids(task.queue)
+            self._messages[task.queue] = self._dispatcher.message_ids(
+                task.queue, self._starting_within)
         ids = self._messages[task.queue]
         return None if ids is None else self._dispatcher.message_id(run_id, task) in ids
 
@@ -53,7 +55,7 @@ class Sweeper:
         """One pass over runs whose timer is due. Returns how many runs changed."""
         s = self.committer.settings
         changed = 0
-        queues = QueueView(self.committer.dispatcher)
+        queues = QueueView(self.committer.dispatcher, s.lease_ttl)
         for run_id in store.claim_due(limit or s.sweep_batch, s.redispatch_after):
             try:
                 changed += self._tick(store, run_id, queues)

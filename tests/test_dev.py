@@ -287,8 +287,11 @@ def test_dev_with_flower_stops_everything_on_a_signal(sig: int, tmp_path: Path) 
     proc = _start_dev("--workers", "1", "--redis-port", str(port), "--flower-port",
                       str(flower_port), "--no-example", log=log)
     try:
-        workers = wait_for(lambda: get_json(f"http://127.0.0.1:{flower_port}/api/workers"),
-                           120, 0.2, what="Flower's API")
+        login = wait_for(lambda: re.search(r"\(log in as (dev:\S+)\)", log.read_text()),
+                         120, 0.2, what="dev to print Flower's login").group(1)
+        assert get_json(f"http://127.0.0.1:{flower_port}/api/workers") is None  # 401
+        workers = wait_for(lambda: _get_json_as(f"http://127.0.0.1:{flower_port}/api/workers",
+                                                login), 120, 0.2, what="Flower's API")
         assert any(name.startswith("worker1@") for name in workers), workers
         assert _leftovers(port)  # the check below can see the children
         os.killpg(proc.pid, sig)
@@ -365,3 +368,17 @@ def test_dev_refuses_a_port_beside_a_configured_url(redis_url: str, tmp_path: Pa
         if proc.poll() is None:  # it started a topology instead: SIGTERM stops it all
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
+
+
+def _get_json_as(url: str, login: str) -> Any:
+    """The JSON at `url` fetched with basic auth, or None while nothing answers."""
+    import base64
+    import urllib.request
+
+    token = base64.b64encode(login.encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None

@@ -30,12 +30,13 @@ def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
         handle = WorkflowRunner(build_and_deploy, app=cluster.app).run({"repo": "acme/app"})
         assert handle.result(timeout=60).status is RunStatus.COMPLETED
 
-        def clone_task() -> dict[str, Any] | None:
-            tasks = get_json(f"{base}/api/tasks") or {}
-            return next((t for t in tasks.values() if t.get("name") == "BuildAndDeploy.Clone"
-                         and handle.run_id in str(t.get("args"))), None)
+        def shown(name: str, run_id: str, query: str = "") -> dict[str, Any] | None:
+            tasks = get_json(f"{base}/api/tasks{query}") or {}
+            return next((t for t in tasks.values() if t.get("name") == name
+                         and run_id in str(t.get("args"))), None)
 
-        task = wait_for(clone_task, 60, 0.2, what="Flower to show BuildAndDeploy.Clone")
+        task = wait_for(lambda: shown("BuildAndDeploy.Clone", handle.run_id), 60, 0.2,
+                        what="Flower to show BuildAndDeploy.Clone")
         assert task["state"] == "SUCCESS"
         assert task["uuid"].startswith(f"{handle.run_id}:")
         names = {t["name"] for t in (get_json(f"{base}/api/tasks") or {}).values()}
@@ -46,12 +47,8 @@ def test_flower_lists_step_tasks_with_the_run_id(cluster: Cluster) -> None:
         doomed = WorkflowRunner(flows.doomed, app=cluster.app).run({})
         assert doomed.result(timeout=60).status is RunStatus.FAILED
 
-        def failed_task() -> dict[str, Any] | None:
-            tasks = get_json(f"{base}/api/tasks?state=FAILURE") or {}
-            return next((t for t in tasks.values() if t.get("name") == "Doomed.START"
-                         and doomed.run_id in str(t.get("args"))), None)
-
-        task = wait_for(failed_task, 60, 0.2, what="Flower to show Doomed.START failed")
+        task = wait_for(lambda: shown("Doomed.START", doomed.run_id, "?state=FAILURE"), 60,
+                        0.2, what="Flower to show Doomed.START failed")
         assert f"doomed {doomed.run_id}" in task["exception"]
         assert task["retries"] == 0
         tries = [t for t in (get_json(f"{base}/api/tasks") or {}).values()

@@ -18,9 +18,9 @@ class Dispatcher(abc.ABC):
         """Messages waiting in `queue`; 0 where the transport cannot tell."""
         return 0
 
-    def message_ids(self, queue: str) -> frozenset[str] | None:
-        """Ids of the messages waiting in `queue` (not yet taken by a worker); None where
-        the transport cannot list them."""
+    def message_ids(self, queue: str, taken_within: float = 0.0) -> frozenset[str] | None:
+        """Ids of the messages waiting in `queue`, or taken by a worker less than
+        `taken_within` seconds ago; None where the transport cannot list them."""
         return None
 
     @staticmethod

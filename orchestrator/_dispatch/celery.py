@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -72,24 +73,30 @@ class CeleryDispatcher(Dispatcher):
         except Exception:  # a queue never declared has no backlog
             return 0
 
-    def message_ids(self, queue: str) -> frozenset[str] | None:
-        """On kombu's Redis transport a queue is a list of JSON messages: it can be read.
-        Messages a worker took but holds unacknowledged are not counted as waiting: with
-        prefetch 1 a live worker is running them (and holds their lease), so one without a
-        lease was taken by a worker that died, and kombu would only give it back after the
+    def message_ids(self, queue: str, taken_within: float = 0.0) -> frozenset[str] | None:
+        """On kombu's Redis transport a queue is a list of JSON messages, and a message a
+        worker took sits in the `unacked` hash, indexed by when it was taken: both can be
+        read. A message taken less than `taken_within` seconds ago counts as waiting (its
+        worker is about to start it); one held longer by a worker with prefetch 1 and no
+        lease was taken by a worker that died, and kombu would give it back only after the
         visibility timeout. Elsewhere: None."""
         try:
             with self.app.connection_for_read() as conn:
                 if conn.transport.driver_type != "redis":
                     return None
-                client = cast(Any, conn.default_channel).client
+                channel = cast(Any, conn.default_channel)
+                client = channel.client
                 if client.llen(queue) > MAX_LISTED:
                     return None
-                waiting = client.lrange(queue, 0, -1)
+                waiting = [json.loads(m) for m in client.lrange(queue, 0, -1)]
+                tags = client.zrangebyscore(channel.unacked_index_key,
+                                            time.time() - taken_within, "+inf")
+                held = client.hmget(channel.unacked_key, tags) if tags else []
         except Exception as exc:  # the sweep then falls back to the backlog rule
             log.debug("cannot list queue %s: %s", queue, exc)
             return None
-        ids = (json.loads(m).get("headers", {}).get("id") for m in waiting)
+        waiting += [json.loads(h)[0] for h in held if h is not None]
+        ids = (m.get("headers", {}).get("id") for m in waiting if isinstance(m, dict))
         return frozenset(i for i in ids if i)
 
     def _signature(self, workflow: str, run_id: str, task: Task) -> Any:

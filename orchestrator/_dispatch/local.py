@@ -31,14 +31,16 @@ class LocalDispatcher(Dispatcher):
         self._sweep_interval = sweep_interval
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None
 
     def bind(self, runtime: Runtime) -> None:
         if self._runtime is not None:
             raise RuntimeError("LocalDispatcher is already bound to a runtime")
         self._runtime = weakref.ref(runtime)
-        threading.Thread(target=_sweep_loop, args=(self._runtime, self._stopping,
-                                                  self._sweep_interval),
-                         daemon=True, name="orchestrator-sweeper").start()
+        self._sweeper = threading.Thread(
+            target=_sweep_loop, args=(self._runtime, self._stopping, self._sweep_interval),
+            daemon=True, name="orchestrator-sweeper")
+        self._sweeper.start()
 
     @property
     def runtime(self) -> Runtime:
@@ -105,8 +107,13 @@ class LocalDispatcher(Dispatcher):
             log.exception("run %s: join failed", run_id)
 
     def close(self) -> None:
+        """Stop: nothing more is sent, and the sweeper has finished its pass when this
+        returns (a pass still going could claim timers of whatever uses the store next)."""
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        sweeper = self._sweeper
+        if sweeper is not None and sweeper is not threading.current_thread():
+            sweeper.join(10)
 
 
 def _sweep_loop(ref: weakref.ref[Runtime], stopping: threading.Event, interval: float) -> None:
