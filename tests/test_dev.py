@@ -300,8 +300,7 @@ def test_dev_with_flower_stops_everything_on_a_signal(sig: int, tmp_path: Path) 
         _none_left(port)
         assert "stopping" in log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
 
 
 def test_dev_stops_promptly_when_interrupted_while_starting(tmp_path: Path) -> None:
@@ -318,8 +317,7 @@ def test_dev_stops_promptly_when_interrupted_while_starting(tmp_path: Path) -> N
         assert "stopping" in out
         _none_left(port)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
 
 
 def test_dev_refuses_a_port_something_else_listens_on() -> None:
@@ -365,9 +363,7 @@ def test_dev_refuses_a_port_beside_a_configured_url(redis_url: str, tmp_path: Pa
         assert proc.wait(60) == 2, log.read_text()
         assert "--redis-port" in log.read_text()
     finally:
-        if proc.poll() is None:  # it started a topology instead: SIGTERM stops it all
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+        _stop(proc)  # it started a topology instead
 
 
 def _get_json_as(url: str, login: str) -> Any:
@@ -382,3 +378,14 @@ def _get_json_as(url: str, login: str) -> Any:
             return json.loads(response.read())
     except OSError:
         return None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """After a failed test: let dev stop what it started (its children have sessions of
+    their own, so SIGKILL of its group would orphan them), then make sure."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

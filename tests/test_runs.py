@@ -26,7 +26,7 @@ from orchestrator._dispatch.base import Dispatcher
 from orchestrator._runtime import Runtime
 from orchestrator._stores import RedisStore
 from tests import flows
-from tests.conftest import Cluster, Runner
+from tests.conftest import Cluster, Runner, wait_for
 from workers.deploy import build_and_deploy
 
 
@@ -216,6 +216,7 @@ def test_a_sweep_leaves_runs_of_workflows_it_does_not_host_to_who_does(redis_url
     run_id, _ = hosting.start(flows.branching, {"value": 1})  # its message is "lost"
     (due_before,) = [s for _, s in store.redis.zrange("orchestrator:due", 0, -1,
                                                       withscores=True)]
+    wait_for(lambda: store.now() > due_before, 5, 0.001, what="the run's timer to be due")
     assert foreign.sweep(store) == 0 and other.sent == []
     # The claim is given back: the due time is what it was, not pushed a hold ahead.
     assert store.redis.zscore("orchestrator:due", run_id) == due_before
