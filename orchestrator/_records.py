@@ -76,6 +76,9 @@ class StepPolicy(BaseModel):
     """Exception types (or a predicate on the exception) that may be retried; None: all
     but `NonRetryable`. Not serialized: workers read it from the definition."""
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> StepPolicy:
+        return self  # frozen: a run record's deep copy (every engine step) can share it
+
     def delay_before(self, attempt: int, seed: str = "") -> float:
         """Seconds to wait before `attempt` (2 is the first retry). The jitter is derived
         from `seed` (run and token), so the engine stays deterministic."""
