@@ -76,7 +76,7 @@ class StepPolicy(BaseModel):
     """Exception types (or a predicate on the exception) that may be retried; None: all
     but `NonRetryable`. Not serialized: workers read it from the definition."""
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> StepPolicy:
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> StepPolicy:
         return self  # frozen: a run record's deep copy (every engine step) can share it
 
     def delay_before(self, attempt: int, seed: str = "") -> float:

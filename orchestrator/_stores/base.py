@@ -170,6 +170,12 @@ class RunStore(abc.ABC):
         """Release connections."""
 
 
+def record_json(record: RunRecord) -> str:
+    """A record as stored: fields at their defaults are left out (a default policy on every
+    task would otherwise be written, and parsed, once per task on every step)."""
+    return record.model_dump_json(exclude_defaults=True)
+
+
 def parse_record(run_id: str, doc: str | bytes) -> RunRecord:
     try:
         return RunRecord.model_validate_json(doc)

@@ -27,6 +27,7 @@ from .base import (
     encode_cursor,
     entry_json,
     parse_record,
+    record_json,
 )
 
 
@@ -109,7 +110,7 @@ class MemoryStore(RunStore):
             if self._run(record.run_id) is not None:
                 return False
             self._forget(record.run_id)  # a run of this id that expired
-            run = _Run(1, record.model_dump_json(exclude_defaults=True), record.created_at, record.workflow,
+            run = _Run(1, record_json(record), record.created_at, record.workflow,
                        record.status, _History(self.history_limit))
             for h in history:
                 run.history.append(h)
@@ -164,7 +165,7 @@ class MemoryStore(RunStore):
             run = self._run(record.run_id)
             if run is None or run.version != version:
                 return False
-            run.version, run.doc = version + 1, record.model_dump_json(exclude_defaults=True)
+            run.version, run.doc = version + 1, record_json(record)
             run.status = record.status
             for h in history:
                 run.history.append(h)

@@ -59,6 +59,7 @@ from .base import (
     entry_json,
     gate_approvers,
     parse_record,
+    record_json,
 )
 
 T = TypeVar("T")
@@ -164,7 +165,7 @@ class RedisStore(RunStore):
         keys = [self._rec(run_id), *self._hist(run_id), self._listing(None, None),
                 self._listing(status, None), self._listing(None, wf), self._listing(status, wf),
                 self._idx("ids"), self._idx("due"), self._idx("expiry")]
-        args: list[str | int] = [run_id, record.model_dump_json(exclude_defaults=True), wf, repr(record.created_at),
+        args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *(entry_json(h) for h in history)]
         return bool(self._create(keys=keys, args=args))
@@ -232,7 +233,7 @@ class RedisStore(RunStore):
                 self._idx("expiry"), self._idx("expiry:workflow"),
                 *(self._idx(f"gates:{w}") for w in sorted(who))]
         retain = self.retain_seconds if record.status.is_terminal else 0
-        args: list[str | int] = [version, record.model_dump_json(exclude_defaults=True), run_id,
+        args: list[str | int] = [version, record_json(record), run_id,
                                  repr(record.created_at),
                 "" if due is None else repr(due), retain, gate_op,
                 "" if record.fork is None else str(record.fork.token), wf,
