@@ -17,6 +17,7 @@ import jsonschema
 import redis
 from celery import Celery
 
+from ._committer import MAX_INPUT_DEPTH, nesting_depth
 from ._config import Settings, celery_config
 from ._dispatch.celery import CeleryDispatcher
 from ._records import RunRecord, RunStatus
@@ -30,7 +31,6 @@ T = TypeVar("T")
 
 # Deeper input is refused before it is validated: validators, JSON encoders and the store's
 # Lua JSON decoder all recurse, and would fail far from the caller at ~1,000 levels.
-MAX_INPUT_DEPTH = 200
 # Candidates an ambiguous shortened run id lists (per store asked).
 AMBIGUITY_SHOWN = 10
 
@@ -161,7 +161,7 @@ class Client:
 
 
 def _checked(name: str, schema: dict[str, Any], data: Any) -> Any:
-    if _depth(data) > MAX_INPUT_DEPTH:
+    if nesting_depth(data) > MAX_INPUT_DEPTH:
         raise InvalidInput(f"invalid input for {name}: nested deeper than "
                            f"{MAX_INPUT_DEPTH} levels")
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
@@ -171,20 +171,6 @@ def _checked(name: str, schema: dict[str, Any], data: Any) -> Any:
                            for e in errors)
         raise InvalidInput(f"invalid input for {name}: {detail}")
     return data
-
-
-def _depth(data: Any) -> int:
-    """How deep lists and objects nest, without recursing (the point is deep input)."""
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict | list):
-            deepest = max(deepest, depth)
-            if depth > MAX_INPUT_DEPTH:
-                break
-            items = value.values() if isinstance(value, dict) else value
-            stack += [(v, depth + 1) for v in items]
-    return deepest
 
 
 def normalise(schema: dict[str, Any], data: Any) -> Any:

@@ -25,7 +25,7 @@ from ._stores import Loaded, RunStore
 log = logging.getLogger("orchestrator")
 
 MAX_CAS_ATTEMPTS = 50
-MAX_INPUT_DEPTH = 64
+MAX_INPUT_DEPTH = 200
 
 EventMaker = Callable[[RunRecord, float], engine.Event]
 
@@ -132,16 +132,24 @@ def check_run_id(run_id: str) -> None:
                          f"braces, ':' or whitespace")
 
 
-def check_input_depth(value: Any, limit: int = MAX_INPUT_DEPTH) -> None:
-    """Refuse input nested deeper than `limit` before JSON or pydantic recurse into it."""
-    stack = [(value, 1)]
+def nesting_depth(value: Any, stop_after: int = MAX_INPUT_DEPTH) -> int:
+    """How deep lists and objects nest, counted without recursion (the point is to refuse
+    input that would blow the stack of json or pydantic); counting stops past `stop_after`."""
+    deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict | list):
-            if depth > limit:
-                raise ValueError(f"input is nested more than {limit} levels deep")
+            deepest = max(deepest, depth)
+            if depth > stop_after:
+                break
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_input_depth(value: Any) -> None:
+    if nesting_depth(value) > MAX_INPUT_DEPTH:
+        raise ValueError(f"input is nested more than {MAX_INPUT_DEPTH} levels deep")
 
 
 def _json_size(value: Any) -> int:

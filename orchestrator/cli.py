@@ -35,7 +35,8 @@ from rich.table import Table
 
 from . import _graph
 from ._celery import Sweeper, create_app
-from ._client import MAX_INPUT_DEPTH, Client
+from ._client import Client
+from ._committer import MAX_INPUT_DEPTH, nesting_depth
 from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
 from ._dev import dev
@@ -229,21 +230,9 @@ def parse_input(text: str) -> dict[str, Any]:
         raise BadInput(f"--input nests deeper than {MAX_INPUT_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise BadInput("--input must be a JSON object")
-    if _depth(data) > MAX_INPUT_DEPTH:
+    if nesting_depth(data) > MAX_INPUT_DEPTH:
         raise BadInput(f"--input nests deeper than {MAX_INPUT_DEPTH} levels")
     return data
-
-
-def _depth(value: Any) -> int:
-    """How deep JSON nests, without recursing (the point is to refuse what would)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, depth)
-            stack += [(v, depth + 1) for v in (node.values() if isinstance(node, dict)
-                                                else node)]
-    return deepest
 
 
 @cli.command()
