@@ -15,6 +15,7 @@ import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +28,8 @@ __all__ = [
     "HumanApproval",
     "Next",
     "NonRetryable",
+    "Sleep",
+    "Until",
     "Parallel",
     "StepOptions",
     "Wait",
@@ -162,10 +165,44 @@ class HumanApproval:
 
 
 @dataclass(frozen=True)
-class Wait:
-    """Park the run until the gate is decided, then continue at `then`."""
+class Sleep:
+    """A durable timer: wake after `seconds` (a number or a timedelta). It lives in Redis,
+    so it fires after a coordinator restart, once."""
 
-    gate: HumanApproval
+    seconds: float | timedelta
+
+    def __post_init__(self) -> None:
+        seconds = self.seconds
+        if (isinstance(seconds, bool) or not isinstance(seconds, int | float | timedelta)
+                or self.duration < 0):
+            raise ValueError(f"Sleep needs a duration >= 0, got {seconds!r}")
+
+    @property
+    def duration(self) -> float:
+        """The sleep in seconds."""
+        if isinstance(self.seconds, timedelta):
+            return self.seconds.total_seconds()
+        return float(self.seconds)
+
+
+@dataclass(frozen=True)
+class Until:
+    """A durable timer: wake at `at`, a timezone-aware datetime."""
+
+    at: datetime
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.at, datetime) or self.at.tzinfo is None:
+            raise ValueError(f"Until needs a timezone-aware datetime, got {self.at!r} "
+                             f"(e.g. datetime.now(timezone.utc) + timedelta(hours=1))")
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Park the run until `condition` is met (a gate decided, a timer due), then continue
+    at `then`. A parked run holds no worker slot and no broker message."""
+
+    condition: HumanApproval | Sleep | Until
     then: str
 
 

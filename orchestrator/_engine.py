@@ -23,6 +23,7 @@ from ._records import (
     RunStatus,
     StepPolicy,
     Task,
+    Timer,
 )
 
 START = "__start__"
@@ -78,6 +79,16 @@ class WaitFor:
 
 
 @dataclass(frozen=True)
+class Doze:
+    """Sleep on a durable timer, then continue at `then`: for `seconds` from when the
+    engine applies it, or until the epoch time `until`."""
+
+    then: str
+    seconds: float | None = None
+    until: float | None = None
+
+
+@dataclass(frozen=True)
 class FanOut:
     """Run `branches` in parallel, gathered at `then` (a branch's nested fan-out: None)."""
 
@@ -85,7 +96,7 @@ class FanOut:
     then: str | None = None
 
 
-Outcome = GoTo | WaitFor | FanOut
+Outcome = GoTo | WaitFor | Doze | FanOut
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,8 @@ def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> floa
     times: list[float] = []
     if rec.gate is not None and rec.gate.timeout_at is not None:
         times.append(rec.gate.timeout_at)
+    if rec.timer is not None:
+        times.append(rec.timer.wake_at)
     if rec.task is not None:
         if rec.task.dispatched_at is None:
             if not rec.paused:
@@ -373,6 +386,12 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
                          f"step {step!r} waits for {bad[0]!r}, which is not a step; "
                          f"valid: {_choices(spec)}")
         _open_gate(d, spec, step, out.gate, ev.now)
+    elif isinstance(out, Doze):
+        if out.then not in spec.steps:
+            return _fail(d, ev.now, step, "UnknownStep",
+                         f"step {step!r} sleeps until {out.then!r}, which is not a step; "
+                         f"valid: {_choices(spec)}")
+        _set_timer(d, spec, step, out, ev.now)
     else:
         if out.then not in spec.steps:
             return _fail(d, ev.now, step, "UnknownStep",
@@ -448,6 +467,7 @@ def _on_stop(rec: RunRecord, ev: Stop, spec: FlowSpec | None) -> Decision:
     if live:
         d.commands.append(Revoke(rec.run_id, tuple(t.model_copy() for t in live)))
     rec.status, rec.task, rec.fork, rec.gate = RunStatus.STOPPED, None, None, None
+    rec.timer = None
     _log(d, ev.now, "stopped", reason=ev.reason)
     return d
 
@@ -503,6 +523,12 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
             return _fail(d, ev.now, gate.step, "GateTimeout",
                          f"no decision at {gate.step!r} before its timeout")
         _schedule_step(d, gate.on_timeout, gate.policies[gate.on_timeout], ev.now)
+    timer = rec.timer
+    if timer is not None and timer.wake_at <= ev.now:
+        rec.timer = None
+        rec.step_results[timer.step] = {"slept_until": timer.wake_at, "woke_at": ev.now}
+        _log(d, ev.now, "timer_fired", step=timer.step, late=round(ev.now - timer.wake_at, 3))
+        _schedule_step(d, timer.then, timer.then_policy, ev.now)
     if rec.task is not None:
         _revive(d, rec.task, ev)
     if rec.fork is not None:
@@ -592,6 +618,17 @@ def _open_gate(d: Decision, spec: FlowSpec, step: str, g: GateSpec, now: float) 
         prompt=g.prompt, payload=dict(g.payload), opened_at=now,
     )
     _log(d, now, "gate_opened", step=step, approvers=list(g.approvers))
+
+
+def _set_timer(d: Decision, spec: FlowSpec, step: str, out: Doze, now: float) -> None:
+    rec = _rec(d)
+    rec.current_step = step
+    wake_at = out.until if out.until is not None else now + (out.seconds or 0.0)
+    rec.timer = Timer(step=step, token=_next_token(rec), then=out.then,
+                      then_policy=spec.steps[out.then].policy, wake_at=wake_at, set_at=now)
+    _log(d, now, "timer_set", step=step, wake_at=wake_at, then=out.then)
+    # The sweep wakes it: a timer already due (a zero sleep, a past `until`) fires on the
+    # next pass, like any other.
 
 
 def _fork(d: Decision, spec: FlowSpec, step: str, then: str, branches: tuple[BranchSpec, ...],
@@ -737,7 +774,7 @@ def _settle(rec: RunRecord) -> None:
         return
     if rec.paused:
         rec.status = RunStatus.PAUSED
-    elif rec.gate is not None:
+    elif rec.gate is not None or rec.timer is not None:
         rec.status = RunStatus.WAITING
     else:
         rec.status = RunStatus.RUNNING
@@ -782,6 +819,8 @@ def _label(out: Outcome) -> str:
         return "END" if out.target == END else out.target
     if isinstance(out, WaitFor):
         return f"wait->{out.gate.then}"
+    if isinstance(out, Doze):
+        return f"sleep->{out.then}"
     return f"parallel->{out.then}"
 
 

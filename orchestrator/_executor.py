@@ -22,8 +22,30 @@ from pydantic import BaseModel, ValidationError
 
 from ._agents import AgentBox
 from ._context import StepContext, StepResults
-from ._definition import END, Branch, Next, Parallel, StepDef, Wait, Workflow, resolve_ref
-from ._engine import BranchSpec, FanOut, GateSpec, GoTo, Outcome, StepDone, StepFailed, WaitFor
+from ._definition import (
+    END,
+    Branch,
+    HumanApproval,
+    Next,
+    Parallel,
+    Sleep,
+    StepDef,
+    Until,
+    Wait,
+    Workflow,
+    resolve_ref,
+)
+from ._engine import (
+    BranchSpec,
+    Doze,
+    FanOut,
+    GateSpec,
+    GoTo,
+    Outcome,
+    StepDone,
+    StepFailed,
+    WaitFor,
+)
 from ._records import RunError, RunRecord, Task
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -179,13 +201,7 @@ def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -
         output = _output(returned.output, step_def, max_payload)
         return GoTo(returned.step, output, True)
     if isinstance(returned, Wait):
-        g = returned.gate
-        gate = GateSpec(
-            approvers=tuple(g.approvers), then=returned.then, min_approvals=g.min_approvals,
-            timeout=g.timeout, on_timeout=g.on_timeout, on_reject=g.on_reject, prompt=g.prompt,
-            payload=_jsonable(dict(g.payload), "gate payload"),
-        )
-        return WaitFor(gate)
+        return _wait(returned)
     if isinstance(returned, Parallel):
         if returned.then is None:
             raise _BadResult("returned Parallel(...) without then: name the step that gathers "
@@ -195,6 +211,22 @@ def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -
         f"returned {type(returned).__name__} {returned!r:.80}; a step returns a step name, "
         f"END, Next(step, output=...), Wait(...) or Parallel(...)"
     )
+
+
+def _wait(returned: Wait) -> Outcome:
+    c = returned.condition
+    if isinstance(c, Sleep):
+        return Doze(returned.then, seconds=c.duration)
+    if isinstance(c, Until):
+        return Doze(returned.then, until=c.at.timestamp())
+    if not isinstance(c, HumanApproval):
+        raise _BadResult(f"Wait on {type(c).__name__}: wait on HumanApproval(...), "
+                         f"Sleep(...) or Until(...)")
+    return WaitFor(GateSpec(
+        approvers=tuple(c.approvers), then=returned.then, min_approvals=c.min_approvals,
+        timeout=c.timeout, on_timeout=c.on_timeout, on_reject=c.on_reject, prompt=c.prompt,
+        payload=_jsonable(dict(c.payload), "gate payload"),
+    ))
 
 
 def _branch_outcome(returned: Any, step_def: StepDef, max_payload: int) -> Outcome:

@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 
 from ._definition import END, START, StepDef, Workflow
 
-GATE_NAMES = frozenset({"Wait", "HumanApproval"})
+GATE_NAMES = frozenset({"HumanApproval"})  # a Wait on Sleep or Until is a timer
 
 
 class Node(TypedDict):

@@ -224,6 +224,18 @@ class Gate(BaseModel):
     approvals: list[Approval] = Field(default_factory=list)
 
 
+class Timer(BaseModel):
+    """A durable timer the run sleeps on: the sweep wakes it at `wake_at` (the store's
+    clock) and continues at `then`."""
+
+    step: str
+    token: int
+    then: str
+    then_policy: StepPolicy
+    wake_at: float
+    set_at: float
+
+
 class RunRecord(BaseModel):
     run_id: str
     workflow: str
@@ -238,6 +250,7 @@ class RunRecord(BaseModel):
     task: Task | None = None
     fork: Fork | None = None
     gate: Gate | None = None
+    timer: Timer | None = None
     output: Any = None
     error: RunError | None = None
     created_at: float

@@ -22,6 +22,7 @@ from orchestrator import (
     HumanApproval,
     Next,
     Parallel,
+    Sleep,
     Wait,
     Workflow,
     reducer,
@@ -504,3 +505,24 @@ def slow_step(ctx: Any) -> str:
 
 
 slow = Workflow("Slow", "One slow step").input(SlowInput).flow({START: slow_step})
+
+
+# ---- durable timers -------------------------------------------------------------------
+
+
+class NapInput(BaseModel):
+    seconds: float = 0.2
+
+
+def nap(ctx: Any) -> Wait:
+    note(ctx, "nap")
+    return Wait(Sleep(seconds=ctx.input.seconds), "Wake")
+
+
+def wake(ctx: Any) -> Next:
+    note(ctx, "woke")
+    return Next(END, output=ctx.step_results["Nap"])
+
+
+napping = (Workflow("Napping", "Sleeps on a durable timer").input(NapInput)
+           .persistence(key_prefix="nap:").flow({START: "Nap", "Nap": nap, "Wake": wake}))

@@ -167,7 +167,7 @@ PUBLIC = [
     "local_runtime", "Steward", "CatalogEntry", "Client", "RunStore", "MemoryStore",
     "RedisStore", "ControlError", "InvalidInput", "RunNotFound", "StoreUnavailable",
     "UnknownWorkflow", "NonRetryable", "StepPolicy", "OrchestratorApp", "Middleware",
-    "AmbiguousRunId", "NoLiveWorker",
+    "AmbiguousRunId", "NoLiveWorker", "Sleep", "Until",
 ]
 
 
