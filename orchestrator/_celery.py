@@ -130,7 +130,8 @@ class Sweeper(bootsteps.StartStopStep):
         interval = runtime.settings.sweep_interval
 
         def loop() -> None:
-            while not self._stop.wait(interval):
+            # A pass that claimed a full batch left more due: the next one starts at once.
+            while not self._stop.wait(0 if runtime.sweeper.saturated else interval):
                 try:
                     runtime.sweep_all()
                 except Exception:

@@ -50,13 +50,16 @@ class Sweeper:
         self.committer = committer
         self._hosts = hosts
         self._failures = 0
+        self.saturated = False  # the last pass claimed a full batch: more is due at once
 
     def sweep(self, store: RunStore, limit: int | None = None) -> int:
         """One pass over runs whose timer is due. Returns how many runs changed."""
         s = self.committer.settings
         changed = 0
         queues = QueueView(self.committer.dispatcher, s.lease_ttl)
-        for run_id in store.claim_due(limit or s.sweep_batch, s.redispatch_after):
+        claimed = store.claim_due(limit or s.sweep_batch, s.redispatch_after)
+        self.saturated = self.saturated or len(claimed) >= (limit or s.sweep_batch)
+        for run_id in claimed:
             try:
                 changed += self._tick(store, run_id, queues)
             except CorruptRecord as exc:
@@ -72,6 +75,7 @@ class Sweeper:
 
     def sweep_all(self, stores: list[RunStore]) -> int:
         """Sweep every store; an outage is logged once as one line, and so is the end of it."""
+        self.saturated = False
         try:
             changed = sum(self.sweep(store) for store in stores)
         except StoreUnavailable as exc:

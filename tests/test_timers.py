@@ -116,3 +116,29 @@ def test_a_sleep_survives_its_coordinator_being_killed_and_fires_once(
     assert len(woke) == 1
     fired = [h for h in handle.history() if h["event"] == "timer_fired"]
     assert len(fired) == 1
+
+
+def test_a_sweep_that_claims_a_full_batch_says_more_is_due() -> None:
+    """Coordinators sweep again at once after a full batch: 1,000 timers due together
+    would otherwise wait a sweep interval per batch."""
+    from orchestrator import Settings
+    from orchestrator._dispatch.base import Dispatcher
+    from orchestrator._runtime import Runtime
+    from orchestrator._stores import MemoryStore
+
+    class Silent(Dispatcher):
+        def send(self, commands: Any) -> None:
+            pass
+
+    store = MemoryStore("b:")
+    runtime = Runtime(Silent(), Settings(sweep_batch=2), store_factory=lambda p: store)
+    wf = (Workflow("Batch", "").persistence(key_prefix="b:")
+          .flow({START: lambda ctx: Wait(Sleep(0), "Done"), "Done": lambda ctx: END}))
+    runtime.register(wf)
+    for i in range(3):
+        runtime.start(wf, {}, run_id=f"b{i}")
+        store.set_due(f"b{i}", store.now() - 1)
+    runtime.sweep_all()  # claims 2 of the 3 due
+    assert runtime.sweeper.saturated
+    runtime.sweep_all()  # the last one
+    assert not runtime.sweeper.saturated

@@ -117,7 +117,8 @@ class LocalDispatcher(Dispatcher):
 
 
 def _sweep_loop(ref: weakref.ref[Runtime], stopping: threading.Event, interval: float) -> None:
-    while not stopping.wait(interval):
+    saturated = False
+    while not stopping.wait(0 if saturated else interval):
         runtime = ref()
         if runtime is None:
             return
@@ -125,4 +126,5 @@ def _sweep_loop(ref: weakref.ref[Runtime], stopping: threading.Event, interval: 
             runtime.sweep_all()
         except Exception:
             log.exception("sweep failed")
+        saturated = runtime.sweeper.saturated
         del runtime
