@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery, bootsteps, signals
 
 from . import _kombu_fixes, _logging
@@ -56,7 +57,15 @@ class OrchestratorApp(Celery):
 
         def run(run_id: str, token: int, branch: str | None = None, join: int | None = None,
                 attempt: int = 1) -> str:
-            outcome = runtime.execute(workflow, run_id, token, branch, join, attempt)
+            try:
+                outcome = runtime.execute(workflow, run_id, token, branch, join, attempt)
+            except SoftTimeLimitExceeded:
+                # The step's time limit covers the whole task: it can fire after the step
+                # returned, while its outcome is committed or sent. What was committed
+                # stands, and the sweep sends what was not; the chord must not see FAILURE.
+                log.warning("run %s: time limit reached after the step of token %s returned",
+                            run_id, token)
+                return "interrupted"
             # A branch that will be retried must still count as a success toward its
             # chord, so the chord's body joins; only a branch that failed the run, and
             # any failed step, is shown as FAILURE.

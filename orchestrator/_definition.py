@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -174,8 +175,8 @@ class Sleep:
     def __post_init__(self) -> None:
         seconds = self.seconds
         if (isinstance(seconds, bool) or not isinstance(seconds, int | float | timedelta)
-                or self.duration < 0):
-            raise ValueError(f"Sleep needs a duration >= 0, got {seconds!r}")
+                or not 0 <= self.duration < math.inf):
+            raise ValueError(f"Sleep needs a finite duration >= 0, got {seconds!r}")
 
     @property
     def duration(self) -> float:

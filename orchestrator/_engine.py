@@ -30,6 +30,10 @@ START = "__start__"
 END = "__end__"
 
 
+# Re-sends of lost work a step gets beyond its retries before the run fails with WorkerLost.
+LOST_ALLOWANCE = 3
+
+
 class ControlError(RuntimeError):
     """A control request that does not apply to the run as it is (finished, no gate...)."""
 
@@ -542,7 +546,7 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
             _send_fork(d, ev.now)
         else:
             for name, b in fork.leaves().items():
-                if name not in results:
+                if name not in results and not rec.status.is_terminal:
                     _revive(d, b.task, ev)
     return d if (d.commands or d.history) else _ignore("nothing due")
 
@@ -570,6 +574,14 @@ def _revive(d: Decision, task: Task, ev: Tick) -> None:
     # Behind a backlog the message is most likely still queued: resending it would only
     # add duplicates. A lost one shows once its queue drains (or after force_after).
     if task.queue in ev.busy_queues and age < ev.force_after:
+        return
+    if task.attempt >= task.policy.retries + 1 + LOST_ALLOWANCE:
+        # Lost again and again (its worker killed each time, a hard time limit, a message
+        # that keeps vanishing): fail it rather than re-send it forever.
+        _fail_with(d, ev.now, RunError(
+            step=task.where, type="WorkerLost",
+            message=f"step {task.where} was lost {task.attempt} times (its worker died or "
+                    f"its message vanished); not sending it again"), finished=task)
         return
     lost = task.task_id
     task.attempt += 1

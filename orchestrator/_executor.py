@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
 from ._agents import AgentBox
@@ -139,7 +140,10 @@ def _run_coroutine(coro: Any, timeout: float | None) -> Any:
         except TimeoutError:
             raise StepTimeout(f"step timed out after {timeout}s") from None
 
-    return asyncio.run(bounded())
+    try:
+        return asyncio.run(bounded())
+    except SoftTimeLimitExceeded:  # Celery's limit, at the same moment as our own
+        raise StepTimeout(f"step timed out after {timeout}s") from None
 
 
 def _soft_time_limit_armed() -> bool:
@@ -157,8 +161,6 @@ def _soft_time_limit_armed() -> bool:
 
 
 def _call_under_soft_limit(fn: Callable[[Any], Any], ctx: StepContext, timeout: float) -> Any:
-    from billiard.exceptions import SoftTimeLimitExceeded
-
     try:
         return fn(ctx)
     except SoftTimeLimitExceeded:

@@ -25,6 +25,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._next = 0
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     @contextlib.contextmanager
     def hold(self, run_id: str, task_id: str, ttl: float) -> Iterator[None]:
@@ -46,9 +47,18 @@ class LeaseKeeper:
         self._wake.set()  # it may be sleeping past this lease's first renewal
         return self._next
 
+    def close(self) -> None:
+        """End the heartbeat thread (it holds the store; a runtime that closed must not
+        keep either alive)."""
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+
     def _beat(self) -> None:
         while True:
             with self._lock:
+                if self._closed:
+                    return
                 soonest = min((at for *_, at in self._held.values()), default=None)
             self._wake.wait(None if soonest is None else max(0.0, soonest - time.monotonic()))
             self._wake.clear()

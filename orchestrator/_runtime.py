@@ -139,6 +139,7 @@ class Runtime:
     def close(self) -> None:
         """Stop the dispatcher's background work (an embedded sweeper) and drop connections."""
         self.dispatcher.close()
+        self.worker.close()
         for store in self._stores.values():
             store.close()
 

@@ -56,6 +56,12 @@ class WorkerExecution:
             return Outcome("skipped")
         task = rec.task if branch is None else rec.fork.branches[branch].task  # type: ignore[union-attr]
         assert task is not None
+        if attempt < task.attempt:
+            # A message of an attempt the run has moved past (the sweep re-sent the task,
+            # or the broker gave an old copy back): the current attempt's message runs it.
+            log.info("run %s: attempt %s of token %s is superseded by attempt %s; skipped",
+                     run_id, attempt, token, task.attempt)
+            return Outcome("skipped")
         deaths = began.starts - 1  # deliveries of this attempt that never finished
         if deaths > task.policy.retries + 1:  # one crash is forgiven, as a redelivery
             return self._worker_lost(wf, store, rec, task, deaths, began.now, lease_id)
@@ -165,6 +171,10 @@ class WorkerExecution:
             return isinstance(cmd, engine.SendTask) and cmd.task.token == then_token
 
         return any(is_then(c) for c in self.join(wf, store, run_id, token, is_then).commands)
+
+    def close(self) -> None:
+        for keeper in self._leases.values():
+            keeper.close()
 
     def _keeper(self, store: RunStore) -> LeaseKeeper:
         keeper = self._leases.get(id(store))

@@ -671,3 +671,19 @@ def test_the_sweep_leaves_a_task_whose_message_still_waits() -> None:
     lost = engine.apply(rec, Tick(late, redispatch_after=60), SPEC)
     assert lost.record is not None and lost.record.task is not None
     assert lost.record.task.attempt == 2 and any(isinstance(c, SendTask) for c in lost.commands)
+
+
+def test_work_lost_again_and_again_fails_the_run_instead_of_looping() -> None:
+    rec = started()
+    sends = 0
+    now = 200.0
+    while not rec.status.is_terminal:
+        assert rec.task is not None
+        now += 100
+        d = engine.apply(rec, Tick(now, redispatch_after=60), SPEC)
+        assert d.record is not None
+        rec = d.record
+        sends += sum(isinstance(c, SendTask) for c in d.commands)
+    assert sends == engine.LOST_ALLOWANCE  # attempts 2..4 were sent, the 5th was not
+    assert rec.status is RunStatus.FAILED and rec.error is not None
+    assert rec.error.type == "WorkerLost" and "lost 4 times" in rec.error.message

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from orchestrator import (
 )
 from orchestrator._committer import CommitConflict
 from orchestrator._dispatch.base import Dispatcher
+from orchestrator._engine import Tick
 from orchestrator._records import Task
 from orchestrator._runtime import Runtime
 from orchestrator._stores import MemoryStore
@@ -283,3 +286,65 @@ def test_a_store_outage_logs_one_line_then_one_on_recovery(
         "sweep paused: Redis at redis://x is unreachable",
         "sweep resumed after 30 failed pass(es)"]
     assert not any(r.exc_info for r in lines)
+
+
+# ---- found in review: embedded backlogs, stale attempts, lease threads ------------------------
+
+_ran: list[int] = []
+_ran_lock = threading.Lock()
+
+
+def slow_item(ctx: Any) -> int:
+    with _ran_lock:
+        _ran.append(ctx.item)
+    time.sleep(0.2)
+    return int(ctx.item)
+
+
+def test_an_embedded_backlog_is_not_mistaken_for_lost_work() -> None:
+    """16 branches on 8 threads wait in the pool longer than REDISPATCH_AFTER: waiting, not
+    lost, so each runs once."""
+    from orchestrator import Parallel, local_runtime
+
+    _ran.clear()
+    wf = (Workflow("Backlog", "").persistence(key_prefix="bl:")
+          .flow({START: lambda ctx: Parallel.map(slow_item, range(16), "Done"),
+                 "Done": lambda ctx: END}))
+    runtime = local_runtime(MemoryStore("bl:"), Settings(redispatch_after=0.05, lease_ttl=1))
+    try:
+        handle = WorkflowRunner(wf, runtime=runtime).run({})
+        result = handle.result(timeout=60)
+    finally:
+        runtime.close()
+    assert result.status is RunStatus.COMPLETED
+    assert sorted(_ran) == list(range(16))
+    assert _history(handle, "step_redispatched") == []
+
+
+def test_a_message_of_a_superseded_attempt_does_not_run() -> None:
+    calls: list[int] = []
+    store = MemoryStore("st:")
+    runtime = Runtime(_Silent(), store_factory=lambda prefix: store)
+    wf = (Workflow("Stale", "").persistence(key_prefix="st:")
+          .flow({START: lambda ctx: calls.append(ctx.attempt) or END}))
+    run_id, _ = runtime.start(wf, {})
+    runtime.apply(store, run_id, lambda rec, now: Tick(now + 120, redispatch_after=60))
+    assert store.load(run_id).record.task.attempt == 2  # type: ignore[union-attr]
+    assert runtime.execute("Stale", run_id, 1, attempt=1).status == "skipped"
+    assert calls == []
+    assert runtime.execute("Stale", run_id, 1, attempt=2).status == "done"
+    assert calls == [2]
+
+
+def test_closed_embedded_runners_leave_no_lease_threads() -> None:
+    wf = Workflow("Leased", "").flow({START: lambda ctx: END})
+
+    def lease_threads() -> int:
+        return sum(t.name == "orchestrator-leases" and t.is_alive()
+                   for t in threading.enumerate())
+
+    before = lease_threads()
+    for _ in range(5):
+        with WorkflowRunner(wf) as runner:
+            runner.run({}).result(timeout=30)
+    wait_for(lambda: lease_threads() <= before, 10, what="the lease threads to end")

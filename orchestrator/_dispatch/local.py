@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .._engine import Command, Revoke, SendFork, SendTask
+from .._records import Task
 from .base import Dispatcher
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class LocalDispatcher(Dispatcher):
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
+        self._waiting: set[str] = set()  # message ids submitted and not started yet
 
     def bind(self, runtime: Runtime) -> None:
         if self._runtime is not None:
@@ -57,8 +59,7 @@ class LocalDispatcher(Dispatcher):
             return
         for cmd in commands:
             if isinstance(cmd, SendTask):
-                self._submit(cmd.workflow, cmd.run_id, cmd.task.token, cmd.task.branch,
-                             cmd.task.attempt)
+                self._submit(cmd.workflow, cmd.run_id, cmd.task)
             elif isinstance(cmd, SendFork):
                 self._fork(cmd)
             elif isinstance(cmd, Revoke):
@@ -67,17 +68,27 @@ class LocalDispatcher(Dispatcher):
                 log.info("revoked %s", ", ".join(self.message_id(cmd.run_id, t)
                                                   for t in cmd.tasks))
 
-    def _submit(self, workflow: str, run_id: str, token: int, branch: str | None,
-                attempt: int) -> Future[None]:
+    def message_ids(self, queue: str, taken_within: float = 0.0) -> frozenset[str] | None:
+        """Tasks waiting for a thread of the pool: a backlog, not lost work."""
+        with self._lock:
+            return frozenset(self._waiting)
+
+    def _submit(self, workflow: str, run_id: str, task: Task) -> Future[None]:
+        message = self.message_id(run_id, task)
+        with self._lock:
+            self._waiting.add(message)
         try:
-            return self._pool.submit(self._guarded, workflow, run_id, token, branch, attempt)
+            return self._pool.submit(self._guarded, workflow, run_id, task.token, task.branch,
+                                     task.attempt, message)
         except RuntimeError:  # the pool shut down under us (close, interpreter exit)
             done: Future[None] = Future()
             done.set_result(None)
             return done
 
     def _guarded(self, workflow: str, run_id: str, token: int, branch: str | None,
-                 attempt: int) -> None:
+                 attempt: int, message: str) -> None:
+        with self._lock:
+            self._waiting.discard(message)
         try:
             self.runtime.execute(workflow, run_id, token, branch, attempt=attempt)
         except Exception:
@@ -97,8 +108,7 @@ class LocalDispatcher(Dispatcher):
                     self._pool.submit(self._join, cmd.workflow, cmd.run_id, cmd.token)
 
         for t in cmd.tasks:
-            self._submit(cmd.workflow, cmd.run_id, t.token, t.branch,
-                         t.attempt).add_done_callback(part_done)
+            self._submit(cmd.workflow, cmd.run_id, t).add_done_callback(part_done)
 
     def _join(self, workflow: str, run_id: str, token: int) -> None:
         try:
