@@ -97,7 +97,7 @@ class Sweeper:
         if not self._hosts(loaded.record.workflow):
             # Another runtime shares this key prefix and hosts it (an embedded runtime
             # beside a cluster): give the claim back rather than send what it cannot run.
-            store.set_due(run_id, self.committer.due(loaded.record))
+            store.set_due(run_id, self.committer.due(loaded.record), loaded.version)
             return 0
 
         def tick(rec: RunRecord, now: float) -> engine.Event:
@@ -114,6 +114,6 @@ class Sweeper:
                                float(s.visibility_timeout), results, queued)
 
         d = self.committer.apply(store, run_id, tick, loaded=loaded)
-        if not d.changed:
-            store.set_due(run_id, self.committer.due(loaded.record))
+        if not d.changed:  # a commit since the load set the timer that counts
+            store.set_due(run_id, self.committer.due(loaded.record), loaded.version)
         return int(d.changed)

@@ -343,3 +343,16 @@ def test_a_run_written_before_histories_were_capped_keeps_numbering(redis_url: s
     assert [e.get("event") for e in entries][-2:] == ["legacy", "after_upgrade"]
     assert entries[-1]["n"] == len(entries) - 1
     store.close()
+
+
+def test_a_timer_reset_from_a_stale_read_changes_nothing(store: RunStore) -> None:
+    """The sweep resets a timer only if the record is still what it decided from: a commit
+    in between (a step that went to sleep, say) set the timer that counts."""
+    rec = new_run(store)
+    now = store.now()
+    d = engine.apply(rec, StepDone(1, now, {}, GoTo("B")), SPEC)
+    assert d.record is not None and store.commit(rec, 1, d.record, d.history, now + 1000)
+    store.set_due(rec.run_id, now - 1, version=1)  # decided from version 1: refused
+    assert store.claim_due(10, 30) == []  # still the commit's timer, far ahead
+    store.set_due(rec.run_id, now - 1, version=2)
+    assert store.claim_due(10, 30) == [rec.run_id]

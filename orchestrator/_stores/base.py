@@ -117,8 +117,10 @@ class RunStore(abc.ABC):
         concurrent sweepers do not take the same run."""
 
     @abc.abstractmethod
-    def set_due(self, run_id: str, due: float | None) -> None:
-        """Reset a run's timer without touching its record (after a sweep found nothing)."""
+    def set_due(self, run_id: str, due: float | None, version: int | None = None) -> None:
+        """Reset a run's timer without touching its record (after a sweep found nothing);
+        with `version`, only if the record is still at it (a commit since then set the
+        timer that counts)."""
 
     @abc.abstractmethod
     def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:

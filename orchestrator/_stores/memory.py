@@ -222,8 +222,11 @@ class MemoryStore(RunStore):
             raw = dict(run.forks.get(token, {})) if run is not None else {}
         return {k: BranchResult.model_validate_json(v) for k, v in raw.items()}
 
-    def set_due(self, run_id: str, due: float | None) -> None:
+    def set_due(self, run_id: str, due: float | None, version: int | None = None) -> None:
         with self._lock:
+            run = self._runs.get(run_id)
+            if version is not None and (run is None or run.version != version):
+                return
             self._set_due(run_id, due)
 
     def claim_due(self, limit: int, hold_for: float) -> list[str]:

@@ -121,6 +121,7 @@ class RedisStore(RunStore):
         self._history = self.redis.register_script(_script("history.lua"))
         self._purge = self.redis.register_script(_script("purge.lua"))
         self._quarantine = self.redis.register_script(_script("quarantine.lua"))
+        self._set_due_if = self.redis.register_script(_script("set_due.lua", shared=False))
 
     # ---- keys ----------------------------------------------------------------------
 
@@ -269,7 +270,11 @@ class RedisStore(RunStore):
                    args=[entry_json(entry)])
 
     @_unavailable
-    def set_due(self, run_id: str, due: float | None) -> None:
+    def set_due(self, run_id: str, due: float | None, version: int | None = None) -> None:
+        if version is not None:
+            self._set_due_if(keys=[self._rec(run_id), self._idx("due")],
+                             args=[version, "" if due is None else repr(due), run_id])
+            return
         if due is None:
             self.redis.zrem(self._idx("due"), run_id)
         else:
