@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,8 @@ from orchestrator import (
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the worker imports `bench.gates`
 
+from bench.nodes import start_node, stop_nodes, wait_until  # noqa: E402
+
 
 def _release(ctx: Any) -> Next:
     # The moment the step after the gate starts, in the run's own key.
@@ -47,22 +47,6 @@ parked = Workflow("BenchParked").persistence(key_prefix="bench:").flow({
     START: lambda ctx: Wait(HumanApproval(approvers=["ops-lead"]), "Release"),
     "Release": _release,
 })
-
-
-def _start(kind: str, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", kind, "-l", "WARNING", "-n", f"{name}@%h",
-         "--without-mingle", "--without-gossip", *(["-c", "2"] if kind == "worker" else [])],
-        env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def main() -> None:
@@ -78,14 +62,15 @@ def main() -> None:
     env = {**os.environ, "ORCHESTRATOR_REDIS_URL": args.redis_url,
            "ORCHESTRATOR_WORKFLOWS": "bench.gates", "PYTHONPATH": str(ROOT)}
     os.environ.update({k: env[k] for k in ("ORCHESTRATOR_REDIS_URL", "ORCHESTRATOR_WORKFLOWS")})
-    procs = [_start("coordinator", env, "bench-coord"), _start("worker", env, "bench-worker")]
+    procs = [start_node("coordinator", env, "bench-coord"),
+             start_node("worker", env, "bench-worker")]
     try:
         runner = WorkflowRunner(parked, app=create_app(Settings.from_env(), [parked],
                                                        import_modules=False))
         before = client.info("memory")["used_memory"]
         started = time.perf_counter()
         handles = [runner.run(run_id=f"p{i}") for i in range(args.runs)]
-        _wait(lambda: client.scard("bench:gates") == args.runs, 1200, "runs to park")
+        wait_until(lambda: client.scard("bench:gates") == args.runs, 1200, "runs to park")
         parked_s = time.perf_counter() - started
         per_run = (client.info("memory")["used_memory"] - before) / args.runs
         queued = sum(client.llen(q) for q in (b"orchestrator.steps", b"orchestrator.coordinator"))
@@ -95,7 +80,7 @@ def main() -> None:
             t0 = time.time()
             handle.approve(by="ops-lead")
             key = f"bench:{handle.run_id}:released"
-            _wait(lambda k=key: client.exists(k), 60, "the step after the gate")
+            wait_until(lambda k=key: client.exists(k), 60, "the step after the gate")
             latencies.append((float(client.get(key) or 0) - t0) * 1000)
         result = {
             "parked_runs": args.runs, "seconds_to_park": round(parked_s, 1),
@@ -108,10 +93,7 @@ def main() -> None:
         print(json.dumps(result) if args.json else
               "\n".join(f"{k:36} {v}" for k, v in result.items()))
     finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.wait(30)
+        stop_nodes(procs)
 
 
 if __name__ == "__main__":

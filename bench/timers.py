@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,8 @@ from orchestrator import (
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the worker imports `bench.timers`
 
+from bench.nodes import start_node, stop_nodes, wait_until  # noqa: E402
+
 
 class At(BaseModel):
     at: float
@@ -51,22 +50,6 @@ def _sleep(ctx: Any) -> Wait:
 
 sleepers = (Workflow("BenchSleepers").input(At).persistence(key_prefix="timers:")
             .flow({START: _sleep, "Done": lambda ctx: END}))
-
-
-def _start(kind: str, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", kind, "-l", "WARNING", "-n", f"{name}@%h",
-         "--without-mingle", "--without-gossip", *(["-c", "2"] if kind == "worker" else [])],
-        env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def _quantile(values: list[float], q: int) -> float:
@@ -88,8 +71,8 @@ def main() -> None:
     env = {**os.environ, "ORCHESTRATOR_REDIS_URL": args.redis_url,
            "ORCHESTRATOR_WORKFLOWS": "bench.timers", "PYTHONPATH": str(ROOT)}
     os.environ.update({k: env[k] for k in ("ORCHESTRATOR_REDIS_URL", "ORCHESTRATOR_WORKFLOWS")})
-    procs = [_start("worker", env, "bench-worker")]
-    procs += [_start("coordinator", env, f"bench-coord{i}") for i in range(args.coordinators)]
+    procs = [start_node("worker", env, "bench-worker")]
+    procs += [start_node("coordinator", env, f"bench-coord{i}") for i in range(args.coordinators)]
     try:
         app = create_app(Settings.from_env(), [sleepers], import_modules=False)
         runner = WorkflowRunner(sleepers, app=app)
@@ -98,7 +81,7 @@ def main() -> None:
         at = store.now() + args.lead
         handles = [runner.run({"at": at}, run_id=f"s{i}") for i in range(args.runs)]
         asleep = lambda: store.count_runs("BenchSleepers")[RunStatus.WAITING]  # noqa: E731
-        _wait(lambda: asleep() == args.runs or store.now() >= at, args.lead + 60,
+        wait_until(lambda: asleep() == args.runs or store.now() >= at, args.lead + 60,
               "runs to fall asleep")
         if asleep() != args.runs:
             raise SystemExit(f"only {asleep()} of {args.runs} asleep before the instant: "
@@ -106,7 +89,7 @@ def main() -> None:
         per_run = (client.info("memory")["used_memory"] - before) / args.runs
         queued = sum(client.llen(q) for q in (b"orchestrator.steps", b"orchestrator.coordinator"))
         done = lambda: store.count_runs("BenchSleepers")[RunStatus.COMPLETED]  # noqa: E731
-        _wait(lambda: done() == args.runs, args.lead + 600, "every timer to fire")
+        wait_until(lambda: done() == args.runs, args.lead + 600, "every timer to fire")
         late = [(r.step_results[START]["woke_at"] - r.step_results[START]["slept_until"]) * 1000
                 for r in (h.record() for h in handles)]
         result = {
@@ -120,10 +103,7 @@ def main() -> None:
         print(json.dumps(result) if args.json else
               "\n".join(f"{k:36} {v}" for k, v in result.items()))
     finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.wait(30)
+        stop_nodes(procs)
 
 
 if __name__ == "__main__":
