@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jsonschema
-import redis
 from celery import Celery
 
 from ._committer import MAX_INPUT_DEPTH, nesting_depth
@@ -24,8 +21,7 @@ from ._records import RunRecord, RunStatus
 from ._runner import RunHandle
 from ._runtime import RunNotFound, Runtime, UnknownWorkflow
 from ._steward import CatalogEntry, ClusterView
-from ._stores import StoreUnavailable
-from ._stores.redis import connect
+from ._stores.redis import connect, redact, unavailable_as_store_error
 
 T = TypeVar("T")
 
@@ -48,19 +44,6 @@ class NoLiveWorker(UnknownWorkflow):
     in a queue nobody reads. `Client.start(..., queue_anyway=True)` enqueues it anyway."""
 
 
-def _reachable(fn: Callable[..., T]) -> Callable[..., T]:
-    """Redis being down is StoreUnavailable here too, as it is for a handle's reads."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Client, *args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis is unreachable: {exc}") from exc
-
-    return wrapper
-
-
 class Client:
     def __init__(self, redis_url: str | None = None, *, broker_url: str | None = None,
                  settings: Settings | None = None) -> None:
@@ -70,6 +53,7 @@ class Client:
         self.app = app
         self.runtime = Runtime(CeleryDispatcher(app), self.settings)
         self.redis = connect(self.settings.redis_url)
+        self.safe_url = redact(self.settings.redis_url)
 
     def close(self) -> None:
         self.redis.close()
@@ -77,12 +61,12 @@ class Client:
 
     # ---- the catalog -------------------------------------------------------------------
 
-    @_reachable
+    @unavailable_as_store_error
     def workflows(self) -> list[CatalogEntry]:
         """Every published workflow; `hosts` lists the live workers executing it."""
         return sorted(self._view().entries.values(), key=lambda e: e.name)
 
-    @_reachable
+    @unavailable_as_store_error
     def workflow(self, name: str) -> CatalogEntry:
         return self._entry(self._view(), name)
 
@@ -98,7 +82,7 @@ class Client:
 
     # ---- runs ------------------------------------------------------------------------
 
-    @_reachable
+    @unavailable_as_store_error
     def start(self, name: str, input: dict[str, Any] | None = None, *,
               run_id: str | None = None, queue_anyway: bool = False) -> RunHandle:
         """Validate against the published schema, normalise as the workflow's model would,
@@ -119,7 +103,7 @@ class Client:
                                             dict(entry.initial_state), run_id)
         return self._handle(run_id, entry.key_prefix)
 
-    @_reachable
+    @unavailable_as_store_error
     def attach(self, run_id: str, workflow: str | None = None) -> RunHandle:
         """A handle to a run, found in its workflow's store (every store if not given).
         A unique start of a run id will do; AmbiguousRunId if it starts several."""
@@ -137,7 +121,7 @@ class Client:
             return self._handle(*found[0])
         raise RunNotFound(f"no run {run_id!r}")
 
-    @_reachable
+    @unavailable_as_store_error
     def runs(self, status: RunStatus | None = None, workflow: str | None = None,
              limit: int = 100) -> list[RunRecord]:
         found: list[RunRecord] = []
@@ -145,7 +129,7 @@ class Client:
             found += self.runtime.store_for(prefix).list_runs(status, workflow, limit)
         return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
 
-    @_reachable
+    @unavailable_as_store_error
     def gates(self, approver: str | None = None) -> list[RunRecord]:
         found: list[RunRecord] = []
         for prefix in self._prefixes():

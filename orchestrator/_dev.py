@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ._config import Settings
+from ._stores.redis import redact
 
 COLOURS = ["cyan", "green", "magenta", "yellow", "blue", "red"]
 CLI = [sys.executable, "-m", "orchestrator.cli"]
@@ -251,7 +252,7 @@ def _run(topology: Topology, plan: Plan, scratch: str) -> int:
     if plan.flower_port is not None:
         _start_flower(topology, plan.flower_port)
     console.print(f"[bold]ready[/bold]: coordinator and {plan.workers} worker(s) on "
-                  f"{_redact(plan.redis_url)}")
+                  f"{redact(plan.redis_url)}")
     code = _run_example(topology) if plan.example else 0
     if plan.exit_after_example:
         return code
@@ -268,11 +269,6 @@ def _redis_url(ctx: click.Context, settings: Settings, port: int) -> str:
         raise click.UsageError("--redis-port goes without --redis-url and "
                                "ORCHESTRATOR_REDIS_URL (put the port in the URL)")
     return settings.redis_url
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
 
 
 @click.command()

@@ -88,15 +88,19 @@ def connect(url: str) -> redis.Redis:
     )
 
 
-def _unavailable(fn: Callable[..., T]) -> Callable[..., T]:
+def unavailable_as_store_error(fn: Callable[..., T]) -> Callable[..., T]:
+    """A method of an object with a `safe_url` whose Redis being down is StoreUnavailable,
+    whichever way into Redis it takes (a store, a Client)."""
+
     @functools.wraps(fn)
-    def wrapper(self: RedisStore, *args: Any, **kwargs: Any) -> T:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
         try:
             return fn(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"Redis at {self.safe_url} is unreachable: {exc}") from exc
 
     return wrapper
+
 
 
 class RedisStore(RunStore):
@@ -111,7 +115,7 @@ class RedisStore(RunStore):
         self.key_prefix = key_prefix
         self.retain_seconds = retain_seconds
         self.history_limit = history_limit
-        self.safe_url = _redact(url)
+        self.safe_url = redact(url)
         self.redis = client or connect(url)
         self._create = self.redis.register_script(_script("create.lua"))
         self._commit = self.redis.register_script(_script("commit.lua"))
@@ -155,12 +159,12 @@ class RedisStore(RunStore):
 
     # ---- RunStore ----------------------------------------------------------------------
 
-    @_unavailable
+    @unavailable_as_store_error
     def now(self) -> float:
         sec, usec = self.redis.time()
         return sec + usec / 1e6
 
-    @_unavailable
+    @unavailable_as_store_error
     def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None) -> bool:
         run_id, wf, status = record.run_id, record.workflow, record.status
         keys = [self._rec(run_id), *self._hist(run_id), self._listing(None, None),
@@ -171,7 +175,7 @@ class RedisStore(RunStore):
                 *(entry_json(h) for h in history)]
         return bool(self._create(keys=keys, args=args))
 
-    @_unavailable
+    @unavailable_as_store_error
     def load(self, run_id: str) -> Loaded:
         pipe = self.redis.pipeline(transaction=False)
         pipe.time()
@@ -179,7 +183,7 @@ class RedisStore(RunStore):
         (sec, usec), (v, doc) = pipe.execute()
         return _loaded(run_id, v, doc, sec + usec / 1e6)
 
-    @_unavailable
+    @unavailable_as_store_error
     def begin_task(self, run_id: str, task_id: str, lease_ttl: float,
                    attempt: int = 1) -> Loaded:
         starts = self._starts(run_id, task_id, attempt)
@@ -192,11 +196,11 @@ class RedisStore(RunStore):
         (sec, usec), (v, doc), _, began, _ = pipe.execute()
         return _loaded(run_id, v, doc, sec + usec / 1e6, int(began))
 
-    @_unavailable
+    @unavailable_as_store_error
     def renew_lease(self, run_id: str, task_id: str, lease_ttl: float) -> None:
         self.redis.pexpire(self._lease(run_id, task_id), int(lease_ttl * 1000))
 
-    @_unavailable
+    @unavailable_as_store_error
     def live_leases(self, run_id: str, task_ids: list[str]) -> frozenset[str]:
         if not task_ids:
             return frozenset()
@@ -205,7 +209,7 @@ class RedisStore(RunStore):
             pipe.exists(self._lease(run_id, t))
         return frozenset(t for t, alive in zip(task_ids, pipe.execute(), strict=True) if alive)
 
-    @_unavailable
+    @unavailable_as_store_error
     def commit(
         self,
         previous: RunRecord,
@@ -241,7 +245,7 @@ class RedisStore(RunStore):
                 *(entry_json(h) for h in history)]
         return bool(self._commit(keys=keys, args=args))
 
-    @_unavailable
+    @unavailable_as_store_error
     def record_branch(self, run_id: str, token: int, branch: str, result: BranchResult,
                       entry: dict[str, Any], release: str, width: int,
                       join_at: float) -> int | None:
@@ -252,24 +256,24 @@ class RedisStore(RunStore):
                   repr(join_at)]))
         return n if n >= 0 else None
 
-    @_unavailable
+    @unavailable_as_store_error
     def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]:
         raw = self.redis.hgetall(self._fork(run_id, token))
         return {_text(k): BranchResult.model_validate_json(v) for k, v in raw.items()}
 
-    @_unavailable
+    @unavailable_as_store_error
     def claim_due(self, limit: int, hold_for: float) -> list[str]:
         ids = self._claim(keys=[self._idx("due")], args=[limit, hold_for])
         return [_text(i) for i in ids]
 
-    @_unavailable
+    @unavailable_as_store_error
     def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:
         rec = self._rec(run_id)
         self._note(keys=[rec, *self._hist(run_id),
                          self._lease(run_id, release) if release is not None else rec],
                    args=[entry_json(entry)])
 
-    @_unavailable
+    @unavailable_as_store_error
     def set_due(self, run_id: str, due: float | None, version: int | None = None) -> None:
         if version is not None:
             self._set_due_if(keys=[self._rec(run_id), self._idx("due")],
@@ -280,14 +284,14 @@ class RedisStore(RunStore):
         else:
             self.redis.zadd(self._idx("due"), {run_id: due})
 
-    @_unavailable
+    @unavailable_as_store_error
     def history(self, run_id: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
         head, dropped, tail = self._history(keys=[self._rec(run_id), *self._hist(run_id)],
                                             args=[start, end])
         marker = [{"event": TRIMMED, "dropped": int(dropped)}] if dropped else []
         return [json.loads(h) for h in head] + marker + [json.loads(h) for h in tail]
 
-    @_unavailable
+    @unavailable_as_store_error
     def page_runs(self, status: RunStatus | None = None, workflow: str | None = None,
                   limit: int = 50, cursor: str | None = None) -> RunPage:
         check_limit(limit)
@@ -326,21 +330,21 @@ class RedisStore(RunStore):
         rows = [(m, s) for m, s in _scored(ties) if m < last]  # str order is UTF-8 byte order
         return (rows + _scored(older))[:count]
 
-    @_unavailable
+    @unavailable_as_store_error
     def count_runs(self, workflow: str | None = None) -> dict[RunStatus, int]:
         pipe = self.redis.pipeline(transaction=False)
         for status in RunStatus:
             pipe.zcard(self._listing(status, workflow))
         return dict(zip(RunStatus, pipe.execute(), strict=True))
 
-    @_unavailable
+    @unavailable_as_store_error
     def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
         # 0xff never occurs in UTF-8, so it sorts after every id that has the prefix.
         low, high = b"[" + prefix.encode(), b"(" + prefix.encode() + b"\xff"
         return [_text(i) for i in
                 self.redis.zrangebylex(self._idx("ids"), low, high, start=0, num=limit)]
 
-    @_unavailable
+    @unavailable_as_store_error
     def pending_gates(self, approver: str | None = None) -> list[RunRecord]:
         key = self._idx("gates" if approver is None else f"gates:{approver}")
         ids = sorted(_text(i) for i in self.redis.smembers(key))
@@ -354,20 +358,20 @@ class RedisStore(RunStore):
             out += [rec for rec in found if rec is not None]
         return out
 
-    @_unavailable
+    @unavailable_as_store_error
     def purge_expired(self, limit: int = 500) -> int:
         return int(self._purge(keys=[self._idx("expiry")], args=[limit, self.key_prefix]))
 
-    @_unavailable
+    @unavailable_as_store_error
     def quarantine(self, run_id: str) -> None:
         self._quarantine(keys=[self._rec(run_id), self._idx("corrupt")],
                          args=[run_id, self.key_prefix])
 
-    @_unavailable
+    @unavailable_as_store_error
     def corrupt_runs(self) -> list[str]:
         return sorted(_text(i) for i in self.redis.smembers(self._idx("corrupt")))
 
-    @_unavailable
+    @unavailable_as_store_error
     def raw(self, run_id: str) -> dict[str, str] | None:
         fields = self.redis.hgetall(self._rec(run_id))
         if not fields:
@@ -404,7 +408,7 @@ def _scored(rows: Any) -> list[tuple[str, float]]:
     return [(_text(member), float(score)) for member, score in rows]
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """The URL without its password, for error messages and logs."""
     from urllib.parse import urlsplit, urlunsplit
 
