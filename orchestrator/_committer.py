@@ -104,7 +104,7 @@ class Committer:
         started: if its first message cannot be sent now, the sweep sends it."""
         run_id = uuid.uuid4().hex if run_id is None else run_id
         check_run_id(run_id)
-        size = _json_size(input)
+        size = len(json.dumps(input))  # depth was checked where the input came in
         if size > self.settings.max_payload:
             raise ValueError(f"input is {size} bytes of JSON, over the "
                              f"{self.settings.max_payload}-byte limit (ORCHESTRATOR_MAX_PAYLOAD)")
@@ -151,7 +151,3 @@ def check_input_depth(value: Any) -> None:
     if nesting_depth(value) > MAX_INPUT_DEPTH:
         raise ValueError(f"input is nested more than {MAX_INPUT_DEPTH} levels deep")
 
-
-def _json_size(value: Any) -> int:
-    check_input_depth(value)
-    return len(json.dumps(value))
