@@ -12,7 +12,10 @@ from ._config import Settings
 from ._definition import (
     END,
     START,
+    AnyOf,
+    Call,
     DefinitionError,
+    Event,
     HumanApproval,
     Next,
     NonRetryable,
@@ -25,6 +28,7 @@ from ._definition import (
     step,
 )
 from ._engine import ControlError
+from ._events import InvalidEvent
 from ._middleware import Middleware
 from ._records import RunError, RunRecord, RunResult, RunStatus, StepPolicy
 from ._reducers import reducer
@@ -37,7 +41,10 @@ __all__ = [
     # defining workflows
     "END",
     "START",
+    "AnyOf",
+    "Call",
     "DefinitionError",
+    "Event",
     "HumanApproval",
     "Next",
     "NonRetryable",
@@ -74,6 +81,7 @@ __all__ = [
     "RedisStore",
     # errors
     "ControlError",
+    "InvalidEvent",
     "InvalidInput",
     "AmbiguousRunId",
     "NoLiveWorker",

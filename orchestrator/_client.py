@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, TypeVar
 
-import jsonschema
 from celery import Celery
 
 from ._committer import MAX_INPUT_DEPTH, nesting_depth
@@ -20,6 +18,7 @@ from ._dispatch.celery import CeleryDispatcher
 from ._records import RunRecord, RunStatus
 from ._runner import RunHandle
 from ._runtime import RunNotFound, Runtime, UnknownWorkflow
+from ._schemas import normalise, schema_errors
 from ._steward import CatalogEntry, ClusterView
 from ._stores.redis import connect, redact, unavailable_as_store_error
 
@@ -122,6 +121,13 @@ class Client:
         raise RunNotFound(f"no run {run_id!r}")
 
     @unavailable_as_store_error
+    def send(self, run_id: str, name: str, payload: Any = None, *,
+             key: str | None = None) -> str:
+        """Send event `name` to a run (see `RunHandle.send`), checked against the schema
+        its workflow publishes."""
+        return self.attach(run_id).send(name, payload, key=key)
+
+    @unavailable_as_store_error
     def runs(self, status: RunStatus | None = None, workflow: str | None = None,
              limit: int = 100) -> list[RunRecord]:
         found: list[RunRecord] = []
@@ -148,82 +154,7 @@ def _checked(name: str, schema: dict[str, Any], data: Any) -> Any:
     if nesting_depth(data) > MAX_INPUT_DEPTH:
         raise InvalidInput(f"invalid input for {name}: nested deeper than "
                            f"{MAX_INPUT_DEPTH} levels")
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
-                    key=lambda e: list(e.path))
-    if errors:
-        detail = "; ".join(f"{'.'.join(map(str, e.path)) or 'input'}: {e.message}"
-                           for e in errors)
-        raise InvalidInput(f"invalid input for {name}: {detail}")
+    problems = schema_errors(schema, data, "input")
+    if problems:
+        raise InvalidInput(f"invalid input for {name}: {problems}")
     return data
-
-
-def normalise(schema: dict[str, Any], data: Any) -> Any:
-    """`data` (valid against `schema`, a pydantic model's JSON schema) as the model would
-    store it: defaults filled, unknown keys dropped unless the schema allows them, integral
-    floats as ints where it says integer. Defaults made by a `default_factory` are not in
-    the schema, so the workflow's model fills those when the step reads its input."""
-    return _Normaliser(schema).value(schema, data)
-
-
-class _Normaliser:
-    def __init__(self, root: dict[str, Any]) -> None:
-        self.root = root
-        self.validator = jsonschema.Draft202012Validator(root)
-
-    def resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """Follow local `$ref`s; keywords beside a `$ref` (pydantic puts `default` there)
-        still apply."""
-        while "$ref" in schema:
-            target: Any = self.root
-            for part in schema["$ref"].removeprefix("#/").split("/"):
-                target = target[part.replace("~1", "/").replace("~0", "~")]
-            schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
-        return schema
-
-    def value(self, schema: dict[str, Any], data: Any) -> Any:
-        schema = self.resolve(schema)
-        for keyword in ("anyOf", "oneOf"):
-            if keyword in schema:  # the first alternative that accepts it, as pydantic's
-                for option in schema[keyword]:  # smart unions do for these plain types
-                    if self.validator.evolve(schema=option).is_valid(data):
-                        return self.value(option, data)
-                return data
-        for part in schema.get("allOf", ()):
-            data = self.value(part, data)
-        if isinstance(data, dict):
-            return self.object(schema, data)
-        if isinstance(data, list):
-            return self.array(schema, data)
-        if isinstance(data, float) and data.is_integer() and "integer" in _types(schema):
-            return int(data)
-        return data
-
-    def object(self, schema: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        properties: dict[str, Any] = schema.get("properties", {})
-        # A model's schema omits additionalProperties when pydantic ignores extra keys.
-        extra = schema.get("additionalProperties", "properties" not in schema)
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in properties:
-                out[key] = self.value(properties[key], value)
-            elif isinstance(extra, dict):
-                out[key] = self.value(extra, value)
-            elif extra is True:
-                out[key] = value
-        for key, option in properties.items():
-            option = self.resolve(option)
-            if key not in out and "default" in option:
-                out[key] = copy.deepcopy(option["default"])
-        return out
-
-    def array(self, schema: dict[str, Any], data: list[Any]) -> list[Any]:
-        positional: list[dict[str, Any]] = schema.get("prefixItems", [])
-        rest = schema.get("items")
-        return [self.value(positional[i], v) if i < len(positional)
-                else self.value(rest, v) if isinstance(rest, dict) else v
-                for i, v in enumerate(data)]
-
-
-def _types(schema: dict[str, Any]) -> set[str]:
-    kind = schema.get("type", ())
-    return {kind} if isinstance(kind, str) else set(kind)

@@ -12,15 +12,18 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _engine as engine
 from ._config import Settings
 from ._dispatch.base import Dispatcher
 from ._middleware import Hooks
-from ._records import FlowSpec, RunRecord
+from ._records import FlowSpec, ParentLink, RunRecord
 from ._registry import Registry
 from ._stores import Loaded, RunStore
+
+if TYPE_CHECKING:
+    from ._children import ChildRuns
 
 log = logging.getLogger("orchestrator")
 
@@ -45,6 +48,7 @@ class Committer:
         self.dispatcher = dispatcher
         self.settings = settings
         self.hooks = hooks
+        self.children: ChildRuns | None = None  # the runtime plugs it in
 
     def due(self, rec: RunRecord) -> float | None:
         return engine.next_due(rec, self.settings.redispatch_after, self.settings.join_after)
@@ -82,7 +86,8 @@ class Committer:
                 if self.hooks:  # before sending: the next step's hooks come after this one
                     self.hooks.call("after_commit", current.record, decision.record,
                                     decision.history)
-                self.send([c for c in decision.commands if run_here is None or not run_here(c)])
+                self.send(store, [c for c in decision.commands
+                                  if run_here is None or not run_here(c)])
                 return decision
         raise CommitConflict(f"run {run_id}: gave up after {MAX_CAS_ATTEMPTS} conflicting writes")
 
@@ -94,11 +99,16 @@ class Committer:
         if self.hooks:
             self.hooks.call("on_ignored", run_id, what, reason)
 
-    def send(self, commands: list[engine.Command]) -> None:
-        self.dispatcher.send(commands)
+    def send(self, store: RunStore, commands: list[engine.Command]) -> None:
+        """Send to queues; then act on other runs (children, parents) through `children`."""
+        self.dispatcher.send([c for c in commands if not isinstance(c, engine.RUN_COMMANDS)])
+        for c in commands:
+            if isinstance(c, engine.RUN_COMMANDS) and self.children is not None:
+                self.children.carry_out(store, c)
 
     def start(self, store: RunStore, spec: FlowSpec, input: dict[str, Any],
-              state: dict[str, Any], run_id: str | None = None) -> tuple[str, bool]:
+              state: dict[str, Any], run_id: str | None = None,
+              parent: ParentLink | None = None) -> tuple[str, bool]:
         """Create and dispatch a run from validated data. Returns (run id, created); a run
         id that exists already is not started again. Once the run is committed it is
         started: if its first message cannot be sent now, the sweep sends it."""
@@ -109,14 +119,14 @@ class Committer:
             raise ValueError(f"input is {size} bytes of JSON, over the "
                              f"{self.settings.max_payload}-byte limit (ORCHESTRATOR_MAX_PAYLOAD)")
         now = store.now()  # fails fast (StoreUnavailable) before anything is written
-        d = engine.start(spec, run_id, input, state, now)
+        d = engine.start(spec, run_id, input, state, now, parent)
         assert d.record is not None
         if not store.create(d.record, d.history, self.due(d.record)):
             return run_id, False
         if self.hooks:
             self.hooks.call("after_commit", None, d.record, d.history)
         try:
-            self.send(d.commands)
+            self.send(store, d.commands)
         except Exception as exc:  # the broker is down: the record is the outbox
             log.warning("run %s: started, but its first step could not be sent (%s: %s); "
                         "the recovery sweep will send it", run_id, type(exc).__name__, exc)

@@ -26,6 +26,9 @@ from ._records import StepPolicy
 __all__ = [
     "END",
     "START",
+    "AnyOf",
+    "Call",
+    "Event",
     "HumanApproval",
     "Next",
     "NonRetryable",
@@ -199,12 +202,107 @@ class Until:
 
 
 @dataclass(frozen=True)
-class Wait:
-    """Park the run until `condition` is met (a gate decided, a timer due), then continue
-    at `then`. A parked run holds no worker slot and no broker message."""
+class Event:
+    """Wait for an event sent to the run (`handle.send(name, payload, key=...)`). The
+    workflow declares the events it receives (`.events(paid=Payment)`), so a sender is
+    checked before anything is stored; `model`, if given, must be the declared one.
+    Without `on_timeout`, a `timeout` (seconds) that passes fails the run."""
 
-    condition: HumanApproval | Sleep | Until
-    then: str
+    name: str
+    model: type[BaseModel] | None = None
+    timeout: float | None = None
+    on_timeout: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not event_name_ok(self.name):
+            raise DefinitionError(f"event name must be 1-100 printable characters without "
+                                  f"whitespace, got {self.name!r}")
+        if self.model is not None:
+            _model(self.model, "Event model")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:
+            raise DefinitionError("event timeout must be positive and finite")
+
+
+Condition = HumanApproval | Event | Sleep | Until
+
+
+class AnyOf:
+    """Wait for the first of several conditions: `AnyOf(approved=HumanApproval([...]),
+    cancelled=Event("cancel"), late=Sleep(3600))`. Whichever happens first wins and the
+    others are withdrawn in the same commit. At most one gate and one timer."""
+
+    __slots__ = ("conditions",)
+    conditions: dict[str, Condition]
+
+    def __init__(self, **conditions: Condition) -> None:
+        if len(conditions) < 2:
+            raise DefinitionError("AnyOf needs at least two conditions")
+        for arm, c in conditions.items():
+            if not isinstance(c, HumanApproval | Event | Sleep | Until):
+                raise DefinitionError(f"AnyOf {arm}= must be HumanApproval, Event, Sleep or "
+                                      f"Until, got {type(c).__name__}")
+        kinds = [type(c) for c in conditions.values()]
+        if kinds.count(HumanApproval) > 1:
+            raise DefinitionError("AnyOf waits on at most one HumanApproval")
+        if kinds.count(Sleep) + kinds.count(Until) > 1:
+            raise DefinitionError("AnyOf waits on at most one Sleep or Until")
+        names = [c.name for c in conditions.values() if isinstance(c, Event)]
+        if len(set(names)) != len(names):
+            raise DefinitionError(f"AnyOf waits on each event once, got {names}")
+        object.__setattr__(self, "conditions", dict(conditions))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("AnyOf is immutable")
+
+    def __repr__(self) -> str:
+        return f"AnyOf({', '.join(f'{k}={v!r}' for k, v in self.conditions.items())})"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Park the run until `condition` is met (a gate decided, a timer due, an event sent),
+    then continue at `then`. A parked run holds no worker slot and no broker message.
+    For `AnyOf`, `then` maps each condition's name to the step it continues at."""
+
+    condition: Condition | AnyOf
+    then: str | Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.condition, AnyOf):
+            if not isinstance(self.then, Mapping) or set(self.then) != set(
+                    self.condition.conditions):
+                raise DefinitionError(
+                    f"Wait(AnyOf(...), then) needs then as a dict naming the step after each "
+                    f"of {sorted(self.condition.conditions)}, got {self.then!r}")
+        elif not isinstance(self.then, str):
+            raise DefinitionError(f"Wait then must be a step name, got {self.then!r}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run `workflow` (a Workflow, or a catalog name) as a child run with `input`, then
+    continue at `then`; the child's `{"run_id", "status", "state", "output"}` is this
+    step's result. A failed or stopped child fails this step unless `on_failure` names
+    the step to go to instead."""
+
+    workflow: Any  # Workflow | str; Workflow is defined below
+    input: Any = None
+    then: str = END
+    on_failure: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workflow, Workflow | str) or not (
+                self.workflow if isinstance(self.workflow, str) else True):
+            raise DefinitionError(f"Call needs a Workflow or a workflow name, got "
+                                  f"{self.workflow!r}")
+
+    @property
+    def workflow_name(self) -> str:
+        return self.workflow if isinstance(self.workflow, str) else self.workflow.name
+
+
+def event_name_ok(name: str) -> bool:
+    return 0 < len(name) <= 100 and name.isprintable() and not any(c.isspace() for c in name)
 
 
 @dataclass(frozen=True)
@@ -345,6 +443,7 @@ class Workflow:
     executor: StepDef | None = None
     persistence_options: Persistence = Persistence()
     agent_factories: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    event_models: Mapping[str, type[BaseModel] | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -402,6 +501,18 @@ class Workflow:
                 raise DefinitionError(f"agent {name!r} needs an identifier name and a factory")
         return dataclasses.replace(self, agent_factories=dict(factories))
 
+    def events(self, models: Mapping[str, type[BaseModel] | None] | None = None,
+               **more: type[BaseModel] | None) -> Workflow:
+        """Declare the events runs receive and their payload models (None: any JSON):
+        `.events(paid=Payment, cancel=None)` or `.events({"payment.succeeded": Payment})`."""
+        declared = {**(models or {}), **more}
+        for name, model in declared.items():
+            if not isinstance(name, str) or not event_name_ok(name):
+                raise DefinitionError(f"{self.name}: bad event name {name!r}")
+            if model is not None:
+                _model(model, f"events({name}=...)")
+        return dataclasses.replace(self, event_models={**self.event_models, **declared})
+
     # ---- derived views ---------------------------------------------------------------
 
     @property
@@ -431,6 +542,9 @@ class Workflow:
             "input": self.input_model.model_json_schema(),
             "state": self.state_model.model_json_schema(),
         }
+        if self.event_models:  # only then, so adding events support changed no version
+            shape["events"] = {n: m.model_json_schema() if m else None
+                               for n, m in sorted(self.event_models.items())}
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
 

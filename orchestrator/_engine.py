@@ -8,6 +8,7 @@ the commands after committing the new record.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,9 +16,13 @@ from ._records import (
     Approval,
     BranchResult,
     BranchState,
+    ChildCall,
+    EventWait,
     FlowSpec,
     Fork,
     Gate,
+    Message,
+    ParentLink,
     RunError,
     RunRecord,
     RunStatus,
@@ -32,6 +37,10 @@ END = "__end__"
 
 # Re-sends of lost work a step gets beyond its retries before the run fails with WorkerLost.
 LOST_ALLOWANCE = 3
+# Send keys a run remembers (the newest), so a webhook's retries are stored once.
+EVENT_KEYS_KEPT = 1000
+# Events a run keeps unread before a sender is refused.
+MAILBOX_LIMIT = 1000
 
 
 class ControlError(RuntimeError):
@@ -93,6 +102,38 @@ class Doze:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """Wait for an event named `name`, then continue at `then`."""
+
+    name: str
+    then: str
+    timeout: float | None = None
+    on_timeout: str | None = None
+
+
+Arm = WaitFor | Doze | Expect
+
+
+@dataclass(frozen=True)
+class FirstOf:
+    """Wait for whichever of `arms` happens first (an AnyOf); each arm has its own `then`."""
+
+    arms: dict[str, Arm]
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start child run `run_id` of `workflow` with (validated) `input`, continue at `then`
+    when it ends; a failed or stopped child goes to `on_failure`, or fails the step."""
+
+    workflow: str
+    key_prefix: str
+    input: dict[str, Any]
+    then: str
+    on_failure: str | None = None
+
+
+@dataclass(frozen=True)
 class FanOut:
     """Run `branches` in parallel, gathered at `then` (a branch's nested fan-out: None)."""
 
@@ -100,7 +141,7 @@ class FanOut:
     then: str | None = None
 
 
-Outcome = GoTo | WaitFor | Doze | FanOut
+Outcome = GoTo | WaitFor | Doze | Expect | FirstOf | Spawn | FanOut
 
 
 @dataclass(frozen=True)
@@ -156,6 +197,34 @@ class Decide:
 
 
 @dataclass(frozen=True)
+class Deliver:
+    """An event sent to the run (its payload already checked against the declared model)."""
+
+    now: float
+    name: str
+    payload: Any = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class ChildEnded:
+    """Child run `run_id`, called by task `token`, ended."""
+
+    now: float
+    token: int
+    run_id: str
+    status: str
+    state: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+    error: RunError | None = None
+
+
+@dataclass(frozen=True)
+class ParentNotified:
+    now: float
+
+
+@dataclass(frozen=True)
 class Join:
     token: int
     now: float
@@ -174,9 +243,11 @@ class Tick:
     force_after: float = 3600.0  # resend even behind a backlog after this long
     branch_results: dict[str, BranchResult] = field(default_factory=dict)
     queued: frozenset[str] = frozenset()  # leases whose message still waits in its queue
+    children_seen: frozenset[str] = frozenset()  # child runs whose record exists
 
 
-Event = StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
+Event = (StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
+         | Deliver | ChildEnded | ParentNotified)
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -209,7 +280,40 @@ class Revoke:
     tasks: tuple[Task, ...]
 
 
-Command = SendTask | SendFork | Revoke
+@dataclass(frozen=True)
+class StartChild:
+    """Create child run `run_id` (a run id that exists already is left as it is)."""
+
+    parent_run_id: str
+    step: str
+    token: int
+    run_id: str
+    workflow: str
+    key_prefix: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StopChild:
+    run_id: str
+    key_prefix: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NotifyParent:
+    """Tell the parent that this run (`run_id`) ended."""
+
+    run_id: str
+    parent: ParentLink
+    status: str
+    state: dict[str, Any]
+    output: Any
+    error: RunError | None
+
+
+Command = SendTask | SendFork | Revoke | StartChild | StopChild | NotifyParent
+RUN_COMMANDS = (StartChild, StopChild, NotifyParent)  # carried out on runs, not queues
 
 
 @dataclass
@@ -232,15 +336,17 @@ def _ignore(reason: str) -> Decision:
 
 
 def start(
-    spec: FlowSpec, run_id: str, input: dict[str, Any], state: dict[str, Any], now: float
+    spec: FlowSpec, run_id: str, input: dict[str, Any], state: dict[str, Any], now: float,
+    parent: ParentLink | None = None,
 ) -> Decision:
     """A new run, with its first step dispatched."""
     rec = RunRecord(
         run_id=run_id, workflow=spec.workflow, version=spec.version, status=RunStatus.RUNNING,
-        input=input, state=state, created_at=now, updated_at=now,
+        input=input, state=state, created_at=now, updated_at=now, parent=parent,
     )
     d = Decision(rec)
-    _log(d, now, "started", workflow=spec.workflow, version=spec.version)
+    _log(d, now, "started", workflow=spec.workflow, version=spec.version,
+         parent=parent.run_id if parent else None)
     _goto(d, spec, START, now)
     return d
 
@@ -255,18 +361,25 @@ def apply(record: RunRecord, event: Event, spec: FlowSpec | None = None) -> Deci
     if d.record is not None:
         d.record.updated_at = max(d.record.updated_at, getattr(event, "now", 0.0))
         _settle(d.record)
+        if d.record.status.is_terminal and not record.status.is_terminal:
+            _notify_parent(d)
     return d
 
 
 def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> float | None:
     """When the sweep must next look at this run if nothing else happens (None: never)."""
     if rec.status.is_terminal:
-        return None
+        # Until the parent has heard that this child ended, the sweep tells it again.
+        unheard = rec.parent is not None and not rec.parent.notified
+        return rec.updated_at + join_after if unheard else None
     times: list[float] = []
     if rec.gate is not None and rec.gate.timeout_at is not None:
         times.append(rec.gate.timeout_at)
     if rec.timer is not None:
         times.append(rec.timer.wake_at)
+    times += [w.timeout_at for w in rec.events if w.timeout_at is not None]
+    if rec.child is not None and not rec.child.started:
+        times.append(rec.child.called_at + join_after)
     if rec.task is not None:
         if rec.task.dispatched_at is None:
             if not rec.paused:
@@ -371,6 +484,7 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
     out = ev.outcome
     if isinstance(out, GoTo) and out.has_output:
         rec.step_results[step] = out.output
+        rec.event_steps.pop(step, None)
     _log(d, ev.now, "step_completed", step=step, next=_label(out))
     if isinstance(out, GoTo):
         if out.target == END:
@@ -382,20 +496,22 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
                          f"step {step!r} returned {out.target!r}, which is not a step; "
                          f"valid: {_choices(spec)}")
         _goto(d, spec, out.target, ev.now)
-    elif isinstance(out, WaitFor):
-        bad = [t for t in (out.gate.then, out.gate.on_reject, out.gate.on_timeout)
-               if t is not None and t not in spec.steps]
+    elif isinstance(out, WaitFor | Doze | Expect | FirstOf):
+        arms: dict[str | None, Arm] = {None: out} if not isinstance(out, FirstOf) else {
+            arm: a for arm, a in out.arms.items()}
+        bad = [t for arm in arms.values() for t in _targets(arm) if t not in spec.steps]
         if bad:
             return _fail(d, ev.now, step, "UnknownStep",
-                         f"step {step!r} waits for {bad[0]!r}, which is not a step; "
+                         f"step {step!r} waits to go to {bad[0]!r}, which is not a step; "
                          f"valid: {_choices(spec)}")
-        _open_gate(d, spec, step, out.gate, ev.now)
-    elif isinstance(out, Doze):
-        if out.then not in spec.steps:
+        _park(d, spec, step, arms, ev.now)
+    elif isinstance(out, Spawn):
+        bad = [t for t in (out.then, out.on_failure) if t is not None and t not in spec.steps]
+        if bad:
             return _fail(d, ev.now, step, "UnknownStep",
-                         f"step {step!r} sleeps until {out.then!r}, which is not a step; "
-                         f"valid: {_choices(spec)}")
-        _set_timer(d, spec, step, out, ev.now)
+                         f"step {step!r} calls a child, then goes to {bad[0]!r}, which is not "
+                         f"a step; valid: {_choices(spec)}")
+        _call(d, spec, step, out, ev.now)
     else:
         if out.then not in spec.steps:
             return _fail(d, ev.now, step, "UnknownStep",
@@ -470,8 +586,10 @@ def _on_stop(rec: RunRecord, ev: Stop, spec: FlowSpec | None) -> Decision:
     live = live_tasks(rec)
     if live:
         d.commands.append(Revoke(rec.run_id, tuple(t.model_copy() for t in live)))
-    rec.status, rec.task, rec.fork, rec.gate = RunStatus.STOPPED, None, None, None
-    rec.timer = None
+    _stop_children(d, f"its parent {rec.run_id} was stopped")
+    rec.status, rec.task, rec.fork = RunStatus.STOPPED, None, None
+    _withdraw(rec)
+    rec.child = None
     _log(d, ev.now, "stopped", reason=ev.reason)
     return d
 
@@ -486,8 +604,8 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
             f"{ev.by!r} may not decide the gate at {gate.step!r}; approvers: {gate.approvers}")
     d = Decision(rec)
     if not ev.approve:
-        rec.gate = None
-        rec.step_results[gate.step] = _decision_result(gate, "rejected", ev)
+        _withdraw(rec)
+        _result(rec, gate.step, gate.arm, _decision_result(gate, "rejected", ev))
         _log(d, ev.now, "gate_rejected", step=gate.step, by=ev.by, reason=ev.comment)
         if gate.on_reject is None:
             return _fail(d, ev.now, gate.step, "GateRejected",
@@ -500,10 +618,61 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
     _log(d, ev.now, "gate_approved", step=gate.step, by=ev.by, comment=ev.comment,
          approvals=len(gate.approvals), needed=gate.min_approvals)
     if len(gate.approvals) >= gate.min_approvals:
-        rec.gate = None
-        rec.step_results[gate.step] = _decision_result(gate, "approved", ev)
+        _withdraw(rec)
+        _result(rec, gate.step, gate.arm, _decision_result(gate, "approved", ev))
         _schedule_step(d, gate.then, gate.policies[gate.then], ev.now)
     return d
+
+
+def _on_deliver(rec: RunRecord, ev: Deliver, spec: FlowSpec | None) -> Decision:
+    _require_active(rec, "send to")
+    if ev.key is not None and ev.key in rec.event_keys:
+        return _ignore(f"an event with key {ev.key!r} was sent already")
+    d = Decision(rec)
+    message = Message(name=ev.name, payload=ev.payload, key=ev.key, at=ev.now)
+    if ev.key is not None:
+        rec.event_keys = [*rec.event_keys, ev.key][-EVENT_KEYS_KEPT:]
+    wait = next((w for w in rec.events if w.name == ev.name), None)
+    if wait is not None:
+        _take(d, wait, message, ev.now)
+        return d
+    if len(rec.mailbox) >= MAILBOX_LIMIT:
+        raise ControlError(f"run {rec.run_id} has {MAILBOX_LIMIT} events nobody took yet; "
+                           f"refusing more")
+    rec.mailbox.append(message)
+    _log(d, ev.now, "event_queued", name=ev.name, key=ev.key)
+    return d
+
+
+def _on_child_ended(rec: RunRecord, ev: ChildEnded, spec: FlowSpec | None) -> Decision:
+    child = rec.child
+    if (rec.status.is_terminal or child is None or child.token != ev.token
+            or child.run_id != ev.run_id):
+        return _ignore(f"not waiting for child {ev.run_id}")
+    d = Decision(rec)
+    rec.child = None
+    result: dict[str, Any] = {"run_id": ev.run_id, "status": ev.status, "state": ev.state,
+                              "output": ev.output}
+    if ev.error is not None:
+        result["error"] = ev.error.model_dump(mode="json", exclude_none=True)
+    _result(rec, child.step, None, result)
+    _log(d, ev.now, "child_ended", step=child.step, child=ev.run_id, status=ev.status)
+    if ev.status == RunStatus.COMPLETED.value:
+        _schedule_step(d, child.then, child.policies[child.then], ev.now)
+    elif child.on_failure is not None:
+        _schedule_step(d, child.on_failure, child.policies[child.on_failure], ev.now)
+    else:
+        why = f": {ev.error}" if ev.error is not None else ""
+        return _fail(d, ev.now, child.step, "ChildFailed",
+                     f"child run {ev.run_id} ({child.workflow}) {ev.status}{why}")
+    return d
+
+
+def _on_parent_notified(rec: RunRecord, ev: ParentNotified, spec: FlowSpec | None) -> Decision:
+    if rec.parent is None or rec.parent.notified:
+        return _ignore("parent told already")
+    rec.parent.notified = True
+    return Decision(rec)
 
 
 def _on_join(rec: RunRecord, ev: Join, spec: FlowSpec | None) -> Decision:
@@ -516,23 +685,21 @@ def _on_join(rec: RunRecord, ev: Join, spec: FlowSpec | None) -> Decision:
 
 def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
     if rec.status.is_terminal:
+        if rec.parent is not None and not rec.parent.notified:
+            d = Decision(rec)
+            _notify_parent(d)
+            return d
         return _ignore("finished")
     d = Decision(rec)
-    gate = rec.gate
-    if gate is not None and gate.timeout_at is not None and gate.timeout_at <= ev.now:
-        rec.gate = None
-        rec.step_results[gate.step] = {"decision": "timed_out", "at": ev.now}
-        _log(d, ev.now, "gate_timed_out", step=gate.step)
-        if gate.on_timeout is None:
-            return _fail(d, ev.now, gate.step, "GateTimeout",
-                         f"no decision at {gate.step!r} before its timeout")
-        _schedule_step(d, gate.on_timeout, gate.policies[gate.on_timeout], ev.now)
-    timer = rec.timer
-    if timer is not None and timer.wake_at <= ev.now:
-        rec.timer = None
-        rec.step_results[timer.step] = {"slept_until": timer.wake_at, "woke_at": ev.now}
-        _log(d, ev.now, "timer_fired", step=timer.step, late=round(ev.now - timer.wake_at, 3))
-        _schedule_step(d, timer.then, timer.then_policy, ev.now)
+    if _wake_due(d, ev.now) is not None:
+        return d
+    child = rec.child
+    if child is not None and not child.started:
+        if child.run_id in ev.children_seen:
+            child.started = True
+        else:
+            _log(d, ev.now, "child_start_redriven", step=child.step, child=child.run_id)
+            d.commands.append(_start_child(rec, child))
     if rec.task is not None:
         _revive(d, rec.task, ev)
     if rec.fork is not None:
@@ -554,7 +721,8 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
 _HANDLERS: dict[type, Any] = {
     StepDone: _on_step_done, StepFailed: _on_step_failed, Checkpoint: _on_checkpoint,
     Pause: _on_pause, Resume: _on_resume, Stop: _on_stop, Decide: _on_decide, Join: _on_join,
-    Tick: _on_tick,
+    Tick: _on_tick, Deliver: _on_deliver, ChildEnded: _on_child_ended,
+    ParentNotified: _on_parent_notified,
 }
 
 
@@ -618,11 +786,152 @@ def _dispatch_if_due(d: Decision, task: Task, now: float) -> None:
     d.commands.append(SendTask(rec.run_id, rec.workflow, task.model_copy()))
 
 
-def _open_gate(d: Decision, spec: FlowSpec, step: str, g: GateSpec, now: float) -> None:
+def _park(d: Decision, spec: FlowSpec, step: str, arms: dict[str | None, Arm],
+          now: float) -> None:
+    """Wait at `step` for the first of `arms` (one arm named None: a plain Wait). An event
+    the mailbox holds already is taken at once."""
     rec = _rec(d)
     rec.current_step = step
+    token = _next_token(rec)
+    for arm, out in arms.items():
+        if isinstance(out, WaitFor):
+            _open_gate(d, spec, step, out.gate, now, token, arm)
+        elif isinstance(out, Doze):
+            _set_timer(d, spec, step, out, now, token, arm)
+        else:
+            rec.events.append(EventWait(
+                step=step, token=token, name=out.name, then=out.then, arm=arm, since=now,
+                policies={t: spec.steps[t].policy for t in (out.then, out.on_timeout) if t},
+                timeout_at=now + out.timeout if out.timeout else None,
+                on_timeout=out.on_timeout))
+            _log(d, now, "event_awaited", step=step, name=out.name, arm=arm)
+    waited = {w.name: w for w in rec.events}
+    queued = next((m for m in rec.mailbox if m.name in waited), None)
+    if queued is not None:
+        rec.mailbox.remove(queued)
+        _take(d, waited[queued.name], queued, now)
+
+
+def _take(d: Decision, wait: EventWait, message: Message, now: float) -> None:
+    """The run takes `message` at `wait`: the wait (and any other arm) ends, the payload is
+    the waiting step's result."""
+    rec = _rec(d)
+    _withdraw(rec)
+    if wait.arm is None:
+        rec.step_results[wait.step] = message.payload
+        rec.event_steps[wait.step] = wait.name
+    else:
+        _result(rec, wait.step, wait.arm, {"event": message.name, "payload": message.payload,
+                                          "key": message.key})
+    _log(d, now, "event_received", step=wait.step, name=message.name, key=message.key,
+         arm=wait.arm, sent_at=message.at if message.at < now else None)
+    _schedule_step(d, wait.then, wait.policies[wait.then], now)
+
+
+def _wake_due(d: Decision, now: float) -> str | None:
+    """Fire the earliest due of the run's gate timeout, timer and event timeouts; the others
+    are withdrawn. Returns what fired, None if nothing was due. The run may fail here."""
+    rec = _rec(d)
+    due: list[tuple[float, int, Any]] = []
+    if rec.gate is not None and rec.gate.timeout_at is not None:
+        due.append((rec.gate.timeout_at, 0, rec.gate))
+    if rec.timer is not None:
+        due.append((rec.timer.wake_at, 1, rec.timer))
+    due += [(w.timeout_at, 2, w) for w in rec.events if w.timeout_at is not None]
+    due = [x for x in due if x[0] <= now]
+    if not due:
+        return None
+    _, _, what = min(due, key=lambda x: (x[0], x[1]))
+    _withdraw(rec)
+    if isinstance(what, Gate):
+        _result(rec, what.step, what.arm, {"decision": "timed_out", "at": now})
+        _log(d, now, "gate_timed_out", step=what.step)
+        if what.on_timeout is None:
+            _fail(d, now, what.step, "GateTimeout",
+                  f"no decision at {what.step!r} before its timeout")
+        else:
+            _schedule_step(d, what.on_timeout, what.policies[what.on_timeout], now)
+        return "gate"
+    if isinstance(what, Timer):
+        _result(rec, what.step, what.arm, {"slept_until": what.wake_at, "woke_at": now})
+        _log(d, now, "timer_fired", step=what.step, late=round(now - what.wake_at, 3))
+        _schedule_step(d, what.then, what.then_policy, now)
+        return "timer"
+    _result(rec, what.step, what.arm, {"event": what.name, "timed_out": True, "at": now})
+    _log(d, now, "event_timed_out", step=what.step, name=what.name)
+    if what.on_timeout is None:
+        _fail(d, now, what.step, "EventTimeout",
+              f"no event {what.name!r} at {what.step!r} before its timeout")
+    else:
+        _schedule_step(d, what.on_timeout, what.policies[what.on_timeout], now)
+    return "event"
+
+
+def _withdraw(rec: RunRecord) -> None:
+    """End every wait the run holds (all arms of an AnyOf go in the same commit)."""
+    rec.gate, rec.timer, rec.events = None, None, []
+
+
+def _result(rec: RunRecord, step: str, arm: str | None, result: dict[str, Any]) -> None:
+    rec.step_results[step] = result if arm is None else {"fired": arm, **result}
+    rec.event_steps.pop(step, None)
+
+
+def _targets(arm: Arm) -> list[str]:
+    if isinstance(arm, WaitFor):
+        names = [arm.gate.then, arm.gate.on_reject, arm.gate.on_timeout]
+    elif isinstance(arm, Doze):
+        names = [arm.then]
+    else:
+        names = [arm.then, arm.on_timeout]
+    return [n for n in names if n is not None]
+
+
+def _call(d: Decision, spec: FlowSpec, step: str, out: Spawn, now: float) -> None:
+    rec = _rec(d)
+    rec.current_step = step
+    token = _next_token(rec)
+    rec.child = ChildCall(
+        step=step, token=token, run_id=child_run_id(rec.run_id, token),
+        workflow=out.workflow, key_prefix=out.key_prefix, input=out.input, then=out.then,
+        on_failure=out.on_failure, called_at=now,
+        policies={t: spec.steps[t].policy for t in (out.then, out.on_failure) if t})
+    _log(d, now, "child_called", step=step, child=rec.child.run_id, workflow=out.workflow)
+    d.commands.append(_start_child(rec, rec.child))
+
+
+def _start_child(rec: RunRecord, child: ChildCall) -> StartChild:
+    return StartChild(rec.run_id, child.step, child.token, child.run_id, child.workflow,
+                      child.key_prefix, child.input)
+
+
+def child_run_id(parent: str, token: int) -> str:
+    """The child's run id, from the parent's and the calling task's token: a retried
+    step (same token) names the same child, which exists already and is not started again."""
+    run_id = f"{parent}.{token}"
+    if len(run_id) > 200:  # run ids are at most 200 characters; keep it unique instead
+        run_id = hashlib.sha256(run_id.encode()).hexdigest()[:40] + f".{token}"
+    return run_id
+
+
+def _stop_children(d: Decision, reason: str) -> None:
+    rec = _rec(d)
+    if rec.child is not None:
+        d.commands.append(StopChild(rec.child.run_id, rec.child.key_prefix, reason))
+
+
+def _notify_parent(d: Decision) -> None:
+    rec = _rec(d)
+    if rec.parent is not None and not rec.parent.notified:
+        d.commands.append(NotifyParent(rec.run_id, rec.parent, rec.status.value, rec.state,
+                                       rec.output, rec.error))
+
+
+def _open_gate(d: Decision, spec: FlowSpec, step: str, g: GateSpec, now: float, token: int,
+               arm: str | None = None) -> None:
+    rec = _rec(d)
     rec.gate = Gate(
-        step=step, token=_next_token(rec), approvers=list(g.approvers),
+        step=step, token=token, approvers=list(g.approvers), arm=arm,
         min_approvals=g.min_approvals, then=g.then, on_reject=g.on_reject,
         on_timeout=g.on_timeout,
         policies={t: spec.steps[t].policy for t in (g.then, g.on_reject, g.on_timeout) if t},
@@ -632,11 +941,11 @@ def _open_gate(d: Decision, spec: FlowSpec, step: str, g: GateSpec, now: float) 
     _log(d, now, "gate_opened", step=step, approvers=list(g.approvers))
 
 
-def _set_timer(d: Decision, spec: FlowSpec, step: str, out: Doze, now: float) -> None:
+def _set_timer(d: Decision, spec: FlowSpec, step: str, out: Doze, now: float, token: int,
+               arm: str | None = None) -> None:
     rec = _rec(d)
-    rec.current_step = step
     wake_at = out.until if out.until is not None else now + (out.seconds or 0.0)
-    rec.timer = Timer(step=step, token=_next_token(rec), then=out.then,
+    rec.timer = Timer(step=step, token=token, then=out.then, arm=arm,
                       then_policy=spec.steps[out.then].policy, wake_at=wake_at, set_at=now)
     _log(d, now, "timer_set", step=step, wake_at=wake_at, then=out.then)
     # The sweep wakes it: a timer already due (a zero sleep, a past `until`) fires on the
@@ -774,7 +1083,10 @@ def _fail_with(
     live = [t for t in live_tasks(rec) if t is not rec.task and t is not finished]
     if live:  # siblings of a failed branch must not keep running
         d.commands.append(Revoke(rec.run_id, tuple(t.model_copy() for t in live)))
-    rec.status, rec.error, rec.task, rec.fork, rec.gate = RunStatus.FAILED, error, None, None, None
+    _stop_children(d, f"its parent {rec.run_id} failed")
+    rec.status, rec.error, rec.task, rec.fork = RunStatus.FAILED, error, None, None
+    _withdraw(rec)
+    rec.child = None
     _log(d, now, "failed", step=error.step, error=str(error))
     return d
 
@@ -786,7 +1098,8 @@ def _settle(rec: RunRecord) -> None:
         return
     if rec.paused:
         rec.status = RunStatus.PAUSED
-    elif rec.gate is not None or rec.timer is not None:
+    elif (rec.gate is not None or rec.timer is not None or rec.events
+          or rec.child is not None):
         rec.status = RunStatus.WAITING
     else:
         rec.status = RunStatus.RUNNING
@@ -833,6 +1146,12 @@ def _label(out: Outcome) -> str:
         return f"wait->{out.gate.then}"
     if isinstance(out, Doze):
         return f"sleep->{out.then}"
+    if isinstance(out, Expect):
+        return f"event {out.name}->{out.then}"
+    if isinstance(out, FirstOf):
+        return "any->" + ",".join(sorted({t for a in out.arms.values() for t in _targets(a)}))
+    if isinstance(out, Spawn):
+        return f"call {out.workflow}->{out.then}"
     return f"parallel->{out.then}"
 
 

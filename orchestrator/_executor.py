@@ -16,7 +16,7 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
@@ -25,7 +25,10 @@ from ._agents import AgentBox
 from ._context import StepContext, StepResults
 from ._definition import (
     END,
+    AnyOf,
     Branch,
+    Call,
+    Event,
     HumanApproval,
     Next,
     Parallel,
@@ -37,12 +40,16 @@ from ._definition import (
     resolve_ref,
 )
 from ._engine import (
+    Arm,
     BranchSpec,
     Doze,
+    Expect,
     FanOut,
+    FirstOf,
     GateSpec,
     GoTo,
     Outcome,
+    Spawn,
     StepDone,
     StepFailed,
     WaitFor,
@@ -60,6 +67,12 @@ class _BadResult(Exception):
     """The step returned something the runtime cannot use; retrying will not help."""
 
 
+class ChildResolver(Protocol):
+    def __call__(self, workflow: Workflow | str, input: Any) -> tuple[str, str, dict[str, Any]]:
+        """The child's name, key prefix and validated input (raises on bad input or an
+        unknown workflow)."""
+
+
 def run_task(
     wf: Workflow,
     rec: RunRecord,
@@ -67,6 +80,7 @@ def run_task(
     *,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    children: ChildResolver | None = None,
 ) -> StepDone | StepFailed:
     where = task.where
     agents = AgentBox(wf.agent_factories)
@@ -79,7 +93,8 @@ def run_task(
         ctx = StepContext(
             run_id=rec.run_id, step=where, attempt=task.attempt, token=task.token,
             input=wf.input_model.model_validate(rec.input), state_model=wf.state_model,
-            state=base_state, step_results=StepResults(rec.step_results, _output_models(wf)),
+            state=base_state,
+            step_results=StepResults(rec.step_results, _result_models(wf, rec)),
             agents=agents, item=task.item, branch=task.branch,
             on_checkpoint=on_checkpoint if wf.is_imperative else None,
         )
@@ -92,7 +107,7 @@ def run_task(
         elif wf.is_imperative:
             outcome = GoTo(END, _output(returned, step_def, max_payload), True)
         else:
-            outcome = _outcome(returned, step_def, wf, max_payload)
+            outcome = _outcome(returned, step_def, wf, max_payload, children)
         patch = ctx.state_patch
         _check_size(patch, max_payload, "state change")
         return StepDone(task.token, 0.0, patch, outcome, task.branch, tuple(notes))
@@ -196,14 +211,17 @@ def _interrupt(thread: threading.Thread) -> None:
                                                    ctypes.py_object(StepTimeout))
 
 
-def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -> Outcome:
+def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int,
+             children: ChildResolver | None) -> Outcome:
     if isinstance(returned, str):
         return GoTo(returned)
     if isinstance(returned, Next):
         output = _output(returned.output, step_def, max_payload)
         return GoTo(returned.step, output, True)
     if isinstance(returned, Wait):
-        return _wait(returned)
+        return _wait(returned, wf)
+    if isinstance(returned, Call):
+        return _spawn(returned, children, max_payload)
     if isinstance(returned, Parallel):
         if returned.then is None:
             raise _BadResult("returned Parallel(...) without then: name the step that gathers "
@@ -211,24 +229,57 @@ def _outcome(returned: Any, step_def: StepDef, wf: Workflow, max_payload: int) -
         return FanOut(_branch_specs(returned.branches), returned.then)
     raise _BadResult(
         f"returned {type(returned).__name__} {returned!r:.80}; a step returns a step name, "
-        f"END, Next(step, output=...), Wait(...) or Parallel(...)"
+        f"END, Next(step, output=...), Wait(...), Call(...) or Parallel(...)"
     )
 
 
-def _wait(returned: Wait) -> Outcome:
-    c = returned.condition
+def _wait(returned: Wait, wf: Workflow) -> Outcome:
+    c, then = returned.condition, returned.then
+    if isinstance(c, AnyOf):
+        assert not isinstance(then, str)
+        return FirstOf({arm: _arm(cond, then[arm], wf) for arm, cond in c.conditions.items()})
+    assert isinstance(then, str)
+    return _arm(c, then, wf)
+
+
+def _arm(c: Any, then: str, wf: Workflow) -> Arm:
     if isinstance(c, Sleep):
-        return Doze(returned.then, seconds=c.duration)
+        return Doze(then, seconds=c.duration)
     if isinstance(c, Until):
-        return Doze(returned.then, until=c.at.timestamp())
+        return Doze(then, until=c.at.timestamp())
+    if isinstance(c, Event):
+        if c.name not in wf.event_models:
+            raise _BadResult(
+                f"waits for event {c.name!r}, which {wf.name} does not declare: add "
+                f".events({{{c.name!r}: Model or None}}) to it, so senders are checked "
+                f"before the run reaches its wait")
+        declared = wf.event_models[c.name]
+        if c.model is not None and c.model is not declared:
+            raise _BadResult(f"Event({c.name!r}, model={c.model.__name__}) but {wf.name} "
+                             f"declares {getattr(declared, '__name__', None)} for it")
+        return Expect(c.name, then, c.timeout, c.on_timeout)
     if not isinstance(c, HumanApproval):
         raise _BadResult(f"Wait on {type(c).__name__}: wait on HumanApproval(...), "
-                         f"Sleep(...) or Until(...)")
+                         f"Event(...), Sleep(...), Until(...) or AnyOf(...)")
     return WaitFor(GateSpec(
-        approvers=tuple(c.approvers), then=returned.then, min_approvals=c.min_approvals,
+        approvers=tuple(c.approvers), then=then, min_approvals=c.min_approvals,
         timeout=c.timeout, on_timeout=c.on_timeout, on_reject=c.on_reject, prompt=c.prompt,
         payload=_jsonable(dict(c.payload), "gate payload"),
     ))
+
+
+def _spawn(call: Call, children: ChildResolver | None, max_payload: int) -> Spawn:
+    if children is None:
+        raise _BadResult("this runtime cannot start child workflows")
+    data = call.input.model_dump(mode="json") if isinstance(call.input, BaseModel) else call.input
+    try:
+        name, key_prefix, data = children(call.workflow, data or {})
+    except ValidationError as exc:
+        raise _BadResult(f"input for child {call.workflow_name} is invalid: {exc}") from exc
+    except (LookupError, ValueError) as exc:
+        raise _BadResult(f"cannot call {call.workflow_name}: {exc}") from exc
+    _check_size(data, max_payload, "child input")
+    return Spawn(name, key_prefix, data, call.then, call.on_failure)
 
 
 def _branch_outcome(returned: Any, step_def: StepDef, max_payload: int) -> Outcome:
@@ -280,5 +331,10 @@ def _check_size(value: Any, limit: int, what: str) -> None:
         raise _BadResult(f"{what} is {size} bytes of JSON, over the {limit}-byte limit")
 
 
-def _output_models(wf: Workflow) -> dict[str, type[BaseModel] | None]:
-    return {name: sd.options.output for name, sd in wf.steps.items()}
+def _result_models(wf: Workflow, rec: RunRecord) -> dict[str, type[BaseModel] | None]:
+    """A step's result as a model: its declared output, or the payload model of the event
+    it took."""
+    models = {name: sd.options.output for name, sd in wf.steps.items()}
+    for step, event in rec.event_steps.items():
+        models[step] = wf.event_models.get(event)
+    return models

@@ -222,6 +222,7 @@ class Gate(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
     opened_at: float
     approvals: list[Approval] = Field(default_factory=list)
+    arm: str | None = None  # its name in an AnyOf
 
 
 class Timer(BaseModel):
@@ -234,6 +235,57 @@ class Timer(BaseModel):
     then_policy: StepPolicy
     wake_at: float
     set_at: float
+    arm: str | None = None
+
+
+class EventWait(BaseModel):
+    """The run waits for event `name` (alone, or as arm `arm` of an AnyOf)."""
+
+    step: str
+    token: int
+    name: str
+    then: str
+    policies: dict[str, StepPolicy] = Field(default_factory=dict)  # of then/on_timeout
+    timeout_at: float | None = None
+    on_timeout: str | None = None
+    since: float
+    arm: str | None = None
+
+
+class Message(BaseModel):
+    """An event sent to a run that no wait has taken yet."""
+
+    name: str
+    payload: Any = None
+    key: str | None = None
+    at: float
+
+
+class ChildCall(BaseModel):
+    """The run (or one branch of its fork) waits for child run `run_id` to end."""
+
+    step: str
+    token: int
+    run_id: str
+    workflow: str
+    key_prefix: str
+    input: dict[str, Any]  # kept until the child is seen, so the sweep can start it
+    then: str
+    on_failure: str | None = None
+    policies: dict[str, StepPolicy] = Field(default_factory=dict)  # of then/on_failure
+    called_at: float
+    started: bool = False  # the sweep saw the child's record: no need to start it again
+
+
+class ParentLink(BaseModel):
+    """This run is the child of `run_id`, called at its step `step` (token, branch)."""
+
+    run_id: str
+    key_prefix: str
+    step: str
+    token: int
+    branch: str | None = None
+    notified: bool = False  # the parent has been told this run ended
 
 
 class RunRecord(BaseModel):
@@ -251,6 +303,12 @@ class RunRecord(BaseModel):
     fork: Fork | None = None
     gate: Gate | None = None
     timer: Timer | None = None
+    events: list[EventWait] = Field(default_factory=list)
+    mailbox: list[Message] = Field(default_factory=list)
+    event_keys: list[str] = Field(default_factory=list)  # recent send keys, for dedupe
+    event_steps: dict[str, str] = Field(default_factory=dict)  # step -> event it took
+    child: ChildCall | None = None
+    parent: ParentLink | None = None
     output: Any = None
     error: RunError | None = None
     created_at: float

@@ -188,6 +188,13 @@ class RunHandle:
         """Revoke what is in flight; no step starts after this returns."""
         self._apply(lambda r, now: engine.Stop(now, reason))
 
+    def send(self, name: str, payload: Any = None, *, key: str | None = None) -> str:
+        """Send event `name` to the run. Returns "delivered" (its wait took it), "queued"
+        (kept in the run's mailbox for its next wait for `name`) or "duplicate" (`key` was
+        sent before: stored once). The payload is checked against the event's declared
+        model first: InvalidEvent, and nothing is stored, if it does not fit."""
+        return self._runtime.send(self._store, self.run_id, name, payload, key)
+
     def approve(self, by: str, comment: str | None = None) -> None:
         self._apply(lambda r, now: engine.Decide(now, True, by, comment))
 

@@ -15,18 +15,23 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import _engine as engine
+from ._children import ChildRuns, ChildTarget
 from ._committer import CommitConflict, Committer, EventMaker, RunNotFound, check_input_depth
 from ._config import Settings
 from ._definition import Workflow
 from ._dispatch.base import Dispatcher
+from ._events import EventChecker, InvalidEvent
 from ._middleware import Hooks, Middleware
 from ._records import FlowSpec
 from ._registry import Registry, UnknownWorkflow
+from ._schemas import normalise, schema_errors
+from ._steward import CatalogEntry, ClusterView
 from ._stores import Loaded, RedisStore, RunStore
+from ._stores.redis import connect
 from ._sweeper import Sweeper
 from ._worker import Outcome, WorkerExecution
 
-__all__ = ["CommitConflict", "RunNotFound", "Runtime", "UnknownWorkflow"]
+__all__ = ["CommitConflict", "InvalidEvent", "RunNotFound", "Runtime", "UnknownWorkflow"]
 
 
 class Runtime:
@@ -42,10 +47,15 @@ class Runtime:
         self.registry = Registry()
         self.committer = Committer(self.registry, dispatcher, settings or Settings(),
                                    Hooks(middleware))
+        self.children = ChildRuns(self.committer, self.store_for, self.register,
+                                  self._published_target)
+        self.committer.children = self.children
+        self.events = EventChecker(self.registry, self._published_events)
         self.worker = WorkerExecution(self.committer)
         self.sweeper = Sweeper(self.committer, lambda name: name in self.registry.workflows)
         self._stores: dict[str, RunStore] = {}
         self._store_factory = store_factory or self._redis_store
+        self._catalog_client: Any = None
         for wf in workflows:
             self.register(wf)
 
@@ -115,6 +125,50 @@ class Runtime:
         return self.committer.apply(store, run_id, make_event, spec, release=release,
                                     loaded=loaded)
 
+    def send(self, store: RunStore, run_id: str, name: str, payload: Any = None,
+             key: str | None = None) -> str:
+        """Send event `name` to a run: "delivered" (a wait took it), "queued" (kept in the
+        run's mailbox for the next wait for it) or "duplicate" (its `key` was sent before).
+        InvalidEvent for an undeclared name or a payload its model refuses (nothing is
+        stored); ControlError for a finished run; RunNotFound."""
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+            raise InvalidEvent(f"event key must be 1-200 characters, got {key!r}")
+        rec = store.load(run_id).record
+        if rec is None:
+            raise RunNotFound(f"no run {run_id!r}")
+        if rec.status.is_terminal:
+            raise engine.ControlError(f"cannot send to run {run_id}: it is {rec.status.value}")
+        checked = self.events.check(rec.workflow, name, payload, self.settings.max_payload)
+        d = self.apply(store, run_id, lambda r, now: engine.Deliver(now, name, checked, key))
+        if d.ignored:
+            return "duplicate"
+        return ("delivered" if any(h["event"] == "event_received" for h in d.history)
+                else "queued")
+
+    # ---- the catalog, for workflows this process does not host --------------------------
+
+    def _published(self, name: str) -> CatalogEntry | None:
+        if self._catalog_client is None:
+            self._catalog_client = connect(self.settings.redis_url)
+        return ClusterView.read(self._catalog_client, self.settings.key_prefix).entries.get(name)
+
+    def _published_events(self, name: str) -> dict[str, dict[str, Any] | None] | None:
+        entry = self._published(name)
+        return None if entry is None else entry.events
+
+    def _published_target(self, name: str) -> ChildTarget | None:
+        entry = self._published(name)
+        if entry is None:
+            return None
+
+        def check(data: Any) -> dict[str, Any]:
+            problems = schema_errors(entry.input_schema, data, "input")
+            if problems:
+                raise ValueError(f"invalid input for {name}: {problems}")
+            return normalise(entry.input_schema, data)
+
+        return ChildTarget(entry.spec(), entry.key_prefix, dict(entry.initial_state), check)
+
     # ---- on a worker ----------------------------------------------------------------
 
     def execute(self, workflow: str, run_id: str, token: int, branch: str | None = None,
@@ -142,5 +196,7 @@ class Runtime:
         self.worker.close()
         for store in self._stores.values():
             store.close()
+        if self._catalog_client is not None:
+            self._catalog_client.close()
 
 

@@ -65,6 +65,7 @@ class CatalogEntry(BaseModel):
     steps: dict[str, dict[str, Any]]
     imperative: bool
     initial_state: dict[str, Any]
+    events: dict[str, dict[str, Any] | None] = {}  # event name -> payload schema (None: any)
     hosts: list[str] = []
     published_at: float = 0.0
 
@@ -117,6 +118,7 @@ def entry_of(wf: Workflow) -> CatalogEntry:
         steps={n: {"policy": s.policy.model_dump(mode="json"), "route": s.route}
                for n, s in spec.steps.items()},
         imperative=wf.is_imperative, initial_state=wf.state_model().model_dump(mode="json"),
+        events={n: m.model_json_schema() if m else None for n, m in wf.event_models.items()},
         published_at=time.time(),
     )
 

@@ -111,9 +111,18 @@ class Sweeper:
             unknown = {t.queue for t in overdue if waiting[t.lease_id] is None}
             busy = frozenset(q for q in unknown if queues.busy(q))
             return engine.Tick(now, live, busy, s.redispatch_after, s.join_after,
-                               float(s.visibility_timeout), results, queued)
+                               float(s.visibility_timeout), results, queued,
+                               self._children_seen(rec))
 
         d = self.committer.apply(store, run_id, tick, loaded=loaded)
         if not d.changed:  # a commit since the load set the timer that counts
             store.set_due(run_id, self.committer.due(loaded.record), loaded.version)
         return int(d.changed)
+
+    def _children_seen(self, rec: RunRecord) -> frozenset[str]:
+        """The child this run waits to see started, if its record exists by now."""
+        child, children = rec.child, self.committer.children
+        if child is None or child.started or children is None:
+            return frozenset()
+        return frozenset([child.run_id]) if children.exists(child.key_prefix, child.run_id) \
+            else frozenset()

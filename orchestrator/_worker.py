@@ -98,7 +98,7 @@ class WorkerExecution:
               self._keeper(store).hold(rec.run_id, lease_id, self.committer.settings.lease_ttl)):
             log.info("step started, attempt %s", task.attempt)
             event = run_task(wf, rec, task, max_payload=self.committer.settings.max_payload,
-                             on_checkpoint=checkpoint)
+                             on_checkpoint=checkpoint, children=self._children)
             log.info("step %s", "finished" if isinstance(event, engine.StepDone) else
                      f"failed: {event.error.type}: {event.error.message}")
         took = time.monotonic() - started
@@ -171,6 +171,11 @@ class WorkerExecution:
             return isinstance(cmd, engine.SendTask) and cmd.task.token == then_token
 
         return any(is_then(c) for c in self.join(wf, store, run_id, token, is_then).commands)
+
+    def _children(self, workflow: Workflow | str, input: Any) -> tuple[str, str, dict[str, Any]]:
+        if self.committer.children is None:
+            raise LookupError("this runtime cannot start child workflows")
+        return self.committer.children.resolve(workflow, input)
 
     def close(self) -> None:
         for keeper in self._leases.values():

@@ -704,6 +704,30 @@ _decision("approve", "comment", "Approve the gate a run waits at.")
 _decision("reject", "reason", "Reject the gate a run waits at.")
 
 
+@cli.command()
+@click.argument("run_id")
+@click.argument("name")
+@click.option("--data", "data", default="null", help="The payload, as JSON.")
+@click.option("--key", default=None, help="Dedupe key: the same key is stored once.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@_guard
+def send(settings: Settings, run_id: str, name: str, data: str, key: str | None,
+         as_json: bool) -> None:
+    """Send event NAME to a run: taken by its wait, or kept until it waits for NAME."""
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"--data is not JSON: {exc}") from None
+    client = _client(settings)
+    handle = client.attach(run_id)
+    outcome = handle.send(name, payload, key=key)
+    if as_json:
+        _emit({**_summary(handle.record()), "event": name, "outcome": outcome})
+    else:
+        out.print(f"{_t(handle.run_id)}: event {_t(name)} {outcome}")
+
+
 def _report(handle: RunHandle, as_json: bool) -> None:
     rec = handle.record()
     if as_json:
