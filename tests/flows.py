@@ -18,9 +18,13 @@ from pydantic import BaseModel
 from orchestrator import (
     END,
     START,
+    AnyOf,
+    Call,
     EchoAgent,
+    Event,
     HumanApproval,
     Next,
+    NonRetryable,
     Parallel,
     Sleep,
     Wait,
@@ -526,3 +530,105 @@ def wake(ctx: Any) -> Next:
 
 napping = (Workflow("Napping", "Sleeps on a durable timer").input(NapInput)
            .persistence(key_prefix="nap:").flow({START: "Nap", "Nap": nap, "Wake": wake}))
+
+
+# ---- events, AnyOf and child workflows -------------------------------------------------
+
+
+class Payment(BaseModel):
+    amount: int
+    currency: str = "EUR"
+
+
+class ShopInput(BaseModel):
+    hold: bool = False  # the first step waits for the test's `t:<run>:go` first
+
+
+def prepare(ctx: Any) -> str:
+    if ctx.input.hold:
+        note(ctx, "holding")
+        wait_key(f"t:{ctx.run_id}:go")
+    note(ctx, "prepared")
+    return "AwaitPayment"
+
+
+def await_payment(ctx: Any) -> Wait:
+    return Wait(Event("paid", model=Payment, timeout=120, on_timeout="Cancel"), "Ship")
+
+
+def ship(ctx: Any) -> Next:
+    paid = ctx.step_results["AwaitPayment"]
+    note(ctx, "shipped", amount=paid.amount, model=type(paid).__name__)
+    return Next(END, output=paid.model_dump())
+
+
+shop = (Workflow("Shop", "Waits for a payment event").input(ShopInput)
+        .events(paid=Payment, cancel=None).persistence(key_prefix="shop:")
+        .flow({START: prepare, "AwaitPayment": await_payment, "Ship": ship,
+               "Cancel": lambda ctx: END}))
+
+
+def hold_release(ctx: Any) -> Wait:
+    return Wait(AnyOf(approved=HumanApproval(approvers=["ops"]), cancelled=Event("cancel")),
+                {"approved": "Release", "cancelled": "Cleanup"})
+
+
+def release(ctx: Any) -> Next:
+    note(ctx, "released")
+    return Next(END, output=ctx.step_results["Hold"])
+
+
+def cleanup(ctx: Any) -> Next:
+    note(ctx, "cleaned")
+    return Next(END, output=ctx.step_results["Hold"])
+
+
+either = (Workflow("Either", "Approval or cancellation, whichever comes first")
+          .events(cancel=None).persistence(key_prefix="shop:")
+          .flow({START: "Hold", "Hold": hold_release, "Release": release, "Cleanup": cleanup}))
+
+
+class ChildInput(BaseModel):
+    x: int
+    hold: bool = False
+
+
+class ChildState(BaseModel):
+    seen: int = 0
+
+
+def child_work(ctx: Any) -> Next:
+    note(ctx, "child ran", x=ctx.input.x)
+    if ctx.input.hold:
+        wait_key(f"t:{ctx.run_id}:go")
+    if ctx.input.x < 0:
+        raise NonRetryable(f"cannot double {ctx.input.x}")
+    ctx.set_state(seen=ctx.input.x)
+    return Next(END, output={"doubled": 2 * ctx.input.x})
+
+
+doubler = (Workflow("Doubler", "A child workflow").input(ChildInput).state(ChildState)
+           .persistence(key_prefix="kids:").flow({START: child_work}))
+
+
+class ParentInput(BaseModel):
+    x: int = 1
+    hold: bool = False
+    by_name: bool = False
+
+
+def call_child(ctx: Any) -> Call:
+    note(ctx, "calling")
+    child = "Doubler" if ctx.input.by_name else doubler
+    return Call(child, {"x": ctx.input.x, "hold": ctx.input.hold}, "Done",
+                on_failure="Recover" if ctx.input.x == -2 else None)
+
+
+def parent_done(ctx: Any) -> Next:
+    return Next(END, output=ctx.step_results["CallChild"])
+
+
+parenting = (Workflow("Parenting", "Calls Doubler as a child run").input(ParentInput)
+             .persistence(key_prefix="shop:")
+             .flow({START: "CallChild", "CallChild": call_child, "Done": parent_done,
+                    "Recover": parent_done}))
