@@ -11,6 +11,7 @@ child, the child's timer re-tells a parent until the parent has heard.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -88,7 +89,7 @@ class ChildRuns:
     def _start(self, store: RunStore, c: engine.StartChild) -> None:
         target = self.target(c.workflow)
         link = ParentLink(run_id=c.parent_run_id, key_prefix=store.key_prefix, step=c.step,
-                          token=c.token)
+                          token=c.token, branch=c.branch)
         self.committer.start(self.store_for(c.key_prefix), target.spec, c.input,
                              dict(target.initial_state), c.run_id, parent=link)
 
@@ -100,9 +101,38 @@ class ChildRuns:
 
     def _notify(self, store: RunStore, c: engine.NotifyParent) -> None:
         link = c.parent
+        parents = self.store_for(link.key_prefix)
         with contextlib.suppress(RunNotFound):  # its retention ended: nobody left to tell
-            self.committer.apply(
-                self.store_for(link.key_prefix), link.run_id,
-                lambda r, now: engine.ChildEnded(now, link.token, c.run_id, c.status, c.state,
-                                                 c.output, c.error))
+            if link.branch is None:
+                self.committer.apply(
+                    parents, link.run_id,
+                    lambda r, now: engine.ChildEnded(now, link.token, c.run_id, c.status,
+                                                     c.state, c.output, c.error))
+            else:
+                self._branch_ended(parents, link.run_id, engine.ChildEnded(
+                    parents.now(), link.token, c.run_id, c.status, c.state, c.output, c.error,
+                    link.branch))
         self.committer.apply(store, c.run_id, lambda r, now: engine.ParentNotified(now))
+
+    def _branch_ended(self, store: RunStore, run_id: str, ended: engine.ChildEnded) -> None:
+        """A branch's child ended: keep its result as the branch's (and join the fork if it
+        was the last, where the parent's workflow is hosted; else the sweep joins it)."""
+        assert ended.branch is not None
+        parent = store.load(run_id).record
+        if parent is None:
+            return
+        verdict = engine.settle_child_branch(parent, ended)
+        lease = f"{ended.token}:{ended.branch}"
+        if isinstance(verdict, engine.IgnoreBranch):
+            self.committer.note_ignored(store, run_id, ended.now, "ChildEnded", lease,
+                                        verdict.reason)
+        elif isinstance(verdict, engine.ApplyToRun):
+            failed = verdict.event
+            self.committer.apply(store, run_id,
+                                 lambda r, now: dataclasses.replace(failed, now=now))
+        else:
+            kept = self.committer.keep_branch(store, run_id, ended.token, ended.branch,
+                                              verdict, lease, ended.now)
+            spec = self.committer.registry.spec(parent.workflow)
+            if kept == verdict.width and spec is not None:
+                self.committer.join(store, run_id, ended.token, spec)

@@ -91,6 +91,20 @@ class Committer:
                 return decision
         raise CommitConflict(f"run {run_id}: gave up after {MAX_CAS_ATTEMPTS} conflicting writes")
 
+    def keep_branch(self, store: RunStore, run_id: str, token: int, branch: str,
+                    kept: engine.KeepBranch, release: str, now: float) -> int | None:
+        """Keep a finished branch's result beside the record: how many branches of fork
+        `token` have results now (None: not kept, the fork closed or it was kept before).
+        The last one brings the run's timer forward, so a lost join is re-driven."""
+        return store.record_branch(run_id, token, branch, kept.result, kept.entry, release,
+                                   kept.width, now + self.settings.join_after)
+
+    def join(self, store: RunStore, run_id: str, token: int, spec: FlowSpec | None,
+             run_here: Callable[[engine.Command], bool] | None = None) -> engine.Decision:
+        results = store.branch_results(run_id, token)
+        return self.apply(store, run_id, lambda r, now: engine.Join(token, now, results), spec,
+                          run_here=run_here)
+
     def note_ignored(self, store: RunStore, run_id: str, now: float, what: str, token: str,
                      reason: str) -> None:
         log.info("run %s: ignored %s (%s)", run_id, what, reason)

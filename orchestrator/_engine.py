@@ -217,6 +217,15 @@ class ChildEnded:
     state: dict[str, Any] = field(default_factory=dict)
     output: Any = None
     error: RunError | None = None
+    branch: str | None = None
+
+    def result(self) -> dict[str, Any]:
+        """What the calling step (or branch) gets: the child's end."""
+        out: dict[str, Any] = {"run_id": self.run_id, "status": self.status,
+                               "state": self.state, "output": self.output}
+        if self.error is not None:
+            out["error"] = self.error.model_dump(mode="json", exclude_none=True)
+        return out
 
 
 @dataclass(frozen=True)
@@ -291,6 +300,7 @@ class StartChild:
     workflow: str
     key_prefix: str
     input: dict[str, Any]
+    branch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -390,7 +400,10 @@ def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> floa
         # Which branches finished is not in the record; the store brings the timer forward
         # to finished + join_after when the last branch records its result.
         for b in rec.fork.leaves().values():
-            if b.task.dispatched_at is not None:
+            if b.child is not None:
+                if not b.child.started:
+                    times.append(b.child.called_at + join_after)
+            elif b.task.dispatched_at is not None:
                 times.append(b.task.dispatched_at + redispatch_after)
             elif not rec.paused:
                 times.append(b.task.due_at)
@@ -403,8 +416,17 @@ def live_tasks(rec: RunRecord) -> list[Task]:
     if rec.task is not None and rec.task.dispatched_at is not None:
         tasks.append(rec.task)
     if rec.fork is not None:
-        tasks += [b.task for b in rec.fork.leaves().values() if b.task.dispatched_at is not None]
+        tasks += [b.task for b in rec.fork.leaves().values()
+                  if b.task.dispatched_at is not None and b.child is None]
     return tasks
+
+
+def pending_children(rec: RunRecord) -> list[ChildCall]:
+    """Calls whose child the sweep has not yet seen started."""
+    calls = [rec.child] if rec.child is not None else []
+    if rec.fork is not None:
+        calls += [b.child for b in rec.fork.leaves().values() if b.child is not None]
+    return [c for c in calls if not c.started]
 
 
 def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
@@ -414,7 +436,7 @@ def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
     if branch is None:
         return rec.task is not None and rec.task.token == token
     return (rec.fork is not None and rec.fork.token == token and branch in rec.fork.branches
-            and rec.fork.branches[branch].is_leaf)
+            and rec.fork.branches[branch].is_leaf and rec.fork.branches[branch].child is None)
 
 
 @dataclass(frozen=True)
@@ -455,7 +477,7 @@ def settle_branch(rec: RunRecord, ev: StepDone | StepFailed, succeeded: bool) ->
         if succeeded:
             return IgnoreBranch("branch already succeeded")
         return ApplyToRun(replace(ev, attempt=task.attempt))
-    if isinstance(ev.outcome, FanOut):
+    if isinstance(ev.outcome, FanOut | Spawn):
         return ApplyToRun(ev)
     assert isinstance(ev.outcome, GoTo)
     result = BranchResult(output=ev.outcome.output, state_patch=ev.state_patch,
@@ -465,6 +487,27 @@ def settle_branch(rec: RunRecord, ev: StepDone | StepFailed, succeeded: bool) ->
     return KeepBranch(result, entry, len(rec.fork.leaves()), joins=task.attempt > 1)
 
 
+def settle_child_branch(rec: RunRecord, ev: ChildEnded) -> BranchVerdict:
+    """A branch's child ended: its result is the branch's output, kept like a branch's own
+    (the chord that sent the branch joined long ago, so this one joins); a child that
+    failed or stopped fails the branch."""
+    fork = rec.fork
+    b = fork.branches.get(ev.branch or "") if fork is not None else None
+    if (rec.status.is_terminal or fork is None or fork.token != ev.token or b is None
+            or b.child is None or b.child.run_id != ev.run_id):
+        return IgnoreBranch(f"not waiting for child {ev.run_id}")
+    if ev.status != RunStatus.COMPLETED.value:
+        why = f": {ev.error}" if ev.error is not None else ""
+        error = RunError(type="ChildFailed", message=f"child run {ev.run_id} "
+                         f"({b.child.workflow}) {ev.status}{why}")
+        return ApplyToRun(StepFailed(ev.token, ev.now, error, retryable=False,
+                                     branch=ev.branch, attempt=b.task.attempt))
+    result = BranchResult(output=ev.result(), finished_at=ev.now, attempt=b.task.attempt)
+    entry = {"at": ev.now, "event": "branch_completed", "step": fork.step,
+             "branch": ev.branch, "child": ev.run_id}
+    return KeepBranch(result, entry, len(fork.leaves()), joins=True)
+
+
 # ---- handlers -------------------------------------------------------------------------
 
 
@@ -472,6 +515,8 @@ def _on_step_done(rec: RunRecord, ev: StepDone, spec: FlowSpec | None) -> Decisi
     if not expects(rec, ev.token, ev.branch):
         return _ignore(f"stale completion for token {ev.token}")
     if ev.branch is not None:
+        if isinstance(ev.outcome, Spawn):
+            return _branch_call(Decision(rec), ev.branch, ev.outcome, ev.now)
         if not isinstance(ev.outcome, FanOut):
             raise ValueError("branch results are recorded beside the run, not applied to it")
         return _expand(Decision(rec), ev.branch, ev.outcome, ev)
@@ -647,15 +692,11 @@ def _on_deliver(rec: RunRecord, ev: Deliver, spec: FlowSpec | None) -> Decision:
 def _on_child_ended(rec: RunRecord, ev: ChildEnded, spec: FlowSpec | None) -> Decision:
     child = rec.child
     if (rec.status.is_terminal or child is None or child.token != ev.token
-            or child.run_id != ev.run_id):
+            or child.run_id != ev.run_id or ev.branch is not None or child.then is None):
         return _ignore(f"not waiting for child {ev.run_id}")
     d = Decision(rec)
     rec.child = None
-    result: dict[str, Any] = {"run_id": ev.run_id, "status": ev.status, "state": ev.state,
-                              "output": ev.output}
-    if ev.error is not None:
-        result["error"] = ev.error.model_dump(mode="json", exclude_none=True)
-    _result(rec, child.step, None, result)
+    _result(rec, child.step, None, ev.result())
     _log(d, ev.now, "child_ended", step=child.step, child=ev.run_id, status=ev.status)
     if ev.status == RunStatus.COMPLETED.value:
         _schedule_step(d, child.then, child.policies[child.then], ev.now)
@@ -693,12 +734,12 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
     d = Decision(rec)
     if _wake_due(d, ev.now) is not None:
         return d
-    child = rec.child
-    if child is not None and not child.started:
+    for child in pending_children(rec):
         if child.run_id in ev.children_seen:
             child.started = True
         else:
-            _log(d, ev.now, "child_start_redriven", step=child.step, child=child.run_id)
+            _log(d, ev.now, "child_start_redriven", step=child.step, branch=child.branch,
+                 child=child.run_id)
             d.commands.append(_start_child(rec, child))
     if rec.task is not None:
         _revive(d, rec.task, ev)
@@ -713,9 +754,9 @@ def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
             _send_fork(d, ev.now)
         else:
             for name, b in fork.leaves().items():
-                if name not in results and not rec.status.is_terminal:
+                if name not in results and b.child is None and not rec.status.is_terminal:
                     _revive(d, b.task, ev)
-    return d if (d.commands or d.history) else _ignore("nothing due")
+    return d if (d.commands or d.history or ev.children_seen) else _ignore("nothing due")
 
 
 _HANDLERS: dict[type, Any] = {
@@ -900,15 +941,33 @@ def _call(d: Decision, spec: FlowSpec, step: str, out: Spawn, now: float) -> Non
     d.commands.append(_start_child(rec, rec.child))
 
 
+def _branch_call(d: Decision, branch: str, out: Spawn, now: float) -> Decision:
+    rec = _rec(d)
+    fork = rec.fork
+    assert fork is not None
+    b = fork.branches[branch]
+    b.child = ChildCall(
+        step=fork.step, token=fork.token, branch=branch, called_at=now,
+        run_id=child_run_id(rec.run_id, fork.token, branch), workflow=out.workflow,
+        key_prefix=out.key_prefix, input=out.input)
+    _log(d, now, "child_called", step=fork.step, branch=branch, child=b.child.run_id,
+         workflow=out.workflow)
+    d.commands.append(_start_child(rec, b.child))
+    return d
+
+
 def _start_child(rec: RunRecord, child: ChildCall) -> StartChild:
     return StartChild(rec.run_id, child.step, child.token, child.run_id, child.workflow,
-                      child.key_prefix, child.input)
+                      child.key_prefix, child.input, child.branch)
 
 
-def child_run_id(parent: str, token: int) -> str:
-    """The child's run id, from the parent's and the calling task's token: a retried
-    step (same token) names the same child, which exists already and is not started again."""
+def child_run_id(parent: str, token: int, branch: str | None = None) -> str:
+    """The child's run id, from the parent's, the calling task's token and its branch: a
+    retried step (same token) names the same child, which exists already and is not
+    started again. Branch names may hold any character, so they go in as a digest."""
     run_id = f"{parent}.{token}"
+    if branch is not None:
+        run_id += "." + hashlib.sha256(branch.encode()).hexdigest()[:10]
     if len(run_id) > 200:  # run ids are at most 200 characters; keep it unique instead
         run_id = hashlib.sha256(run_id.encode()).hexdigest()[:40] + f".{token}"
     return run_id
@@ -916,8 +975,10 @@ def child_run_id(parent: str, token: int) -> str:
 
 def _stop_children(d: Decision, reason: str) -> None:
     rec = _rec(d)
-    if rec.child is not None:
-        d.commands.append(StopChild(rec.child.run_id, rec.child.key_prefix, reason))
+    calls = [rec.child] if rec.child is not None else []
+    if rec.fork is not None:
+        calls += [b.child for b in rec.fork.leaves().values() if b.child is not None]
+    d.commands += [StopChild(c.run_id, c.key_prefix, reason) for c in calls]
 
 
 def _notify_parent(d: Decision) -> None:

@@ -102,10 +102,15 @@ def run_task(
             returned = _call(step_def, ctx, task.policy.timeout)
         finally:
             notes = [{**n, "step": where} for n in agents.close_leftovers()]
-        if task.branch is not None:
+        if task.branch is not None and not isinstance(returned, Call):
             outcome = _branch_outcome(returned, step_def, max_payload)
         elif wf.is_imperative:
             outcome = GoTo(END, _output(returned, step_def, max_payload), True)
+        elif task.branch is not None and isinstance(returned, Call):
+            if returned.then != END or returned.on_failure is not None:
+                raise _BadResult("a branch's Call has no then or on_failure: the child's "
+                                 "result is the branch's output, its failure the branch's")
+            outcome = _spawn(returned, children, max_payload)
         else:
             outcome = _outcome(returned, step_def, wf, max_payload, children)
         patch = ctx.state_patch

@@ -141,6 +141,7 @@ class BranchState(BaseModel):
     task: Task
     children: list[str] | None = None
     state_patch: dict[str, Any] = Field(default_factory=dict)
+    child: ChildCall | None = None  # the child run whose end is this branch's result
 
     @property
     def is_leaf(self) -> bool:
@@ -270,7 +271,8 @@ class ChildCall(BaseModel):
     workflow: str
     key_prefix: str
     input: dict[str, Any]  # kept until the child is seen, so the sweep can start it
-    then: str
+    then: str | None = None  # None in a branch: the child's result is the branch's output
+    branch: str | None = None
     on_failure: str | None = None
     policies: dict[str, StepPolicy] = Field(default_factory=dict)  # of then/on_failure
     called_at: float
@@ -340,3 +342,6 @@ class FlowSpec:
     version: str
     steps: dict[str, StepSpec] = field(default_factory=dict)
     reducers: dict[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+
+
+BranchState.model_rebuild()  # it names ChildCall, defined after it

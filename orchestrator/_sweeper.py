@@ -120,9 +120,9 @@ class Sweeper:
         return int(d.changed)
 
     def _children_seen(self, rec: RunRecord) -> frozenset[str]:
-        """The child this run waits to see started, if its record exists by now."""
-        child, children = rec.child, self.committer.children
-        if child is None or child.started or children is None:
+        """The children this run waits to see started whose record exists by now."""
+        children = self.committer.children
+        if children is None:
             return frozenset()
-        return frozenset([child.run_id]) if children.exists(child.key_prefix, child.run_id) \
-            else frozenset()
+        return frozenset(c.run_id for c in engine.pending_children(rec)
+                         if children.exists(c.key_prefix, c.run_id))

@@ -141,9 +141,8 @@ class WorkerExecution:
                                      self.committer.registry.spec(wf.name), release=lease_id)
             return _outcome_of(d, changed)
         assert isinstance(event, engine.StepDone)
-        kept = store.record_branch(rec.run_id, event.token, event.branch, verdict.result,
-                                   verdict.entry, lease_id, verdict.width,
-                                   event.now + self.committer.settings.join_after)
+        kept = self.committer.keep_branch(store, rec.run_id, event.token, event.branch,
+                                          verdict, lease_id, event.now)
         for note in event.notes:
             store.note(rec.run_id, {"at": event.now, **note})
         if kept is None:
@@ -156,10 +155,8 @@ class WorkerExecution:
 
     def join(self, wf: Workflow, store: RunStore, run_id: str, token: int,
              run_here: Any = None) -> engine.Decision:
-        results = store.branch_results(run_id, token)
-        return self.committer.apply(store, run_id,
-                                    lambda r, now: engine.Join(token, now, results),
-                                    self.committer.registry.spec(wf.name), run_here=run_here)
+        return self.committer.join(store, run_id, token, self.committer.registry.spec(wf.name),
+                                   run_here)
 
     def _join_into(self, wf: Workflow, store: RunStore, run_id: str, token: int,
                    then_token: int) -> bool:

@@ -632,3 +632,26 @@ parenting = (Workflow("Parenting", "Calls Doubler as a child run").input(ParentI
              .persistence(key_prefix="shop:")
              .flow({START: "CallChild", "CallChild": call_child, "Done": parent_done,
                     "Recover": parent_done}))
+
+
+def call_doubler(ctx: Any) -> Call:
+    return Call(doubler, {"x": ctx.item})
+
+
+def fan_out_children(ctx: Any) -> Parallel:
+    return Parallel.map(call_doubler, ctx.input.items, "Sum")
+
+
+def sum_children(ctx: Any) -> Next:
+    ended = ctx.step_results["call_doubler"]
+    return Next(END, output={"total": sum(e["output"]["doubled"] for e in ended),
+                             "children": [e["run_id"] for e in ended]})
+
+
+class FanInput(BaseModel):
+    items: list[int] = [1, 2, 3]
+
+
+fan_children = (Workflow("FanChildren", "A fork over child runs").input(FanInput)
+                .persistence(key_prefix="shop:")
+                .flow({START: fan_out_children, "Sum": sum_children}))

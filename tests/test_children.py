@@ -110,3 +110,17 @@ def test_a_repeated_start_of_the_child_starts_it_once(
     result = parent.result(timeout=60)
     assert result.status is RunStatus.COMPLETED and result.output["output"] == {"doubled": 10}
     assert len([e for e in flows.events(rclient, kid) if e["what"] == "child ran"]) == 1
+
+
+def test_a_fork_fans_out_over_child_runs(cluster: Cluster) -> None:
+    runner = WorkflowRunner(flows.fan_children, app=cluster.app)
+    result = runner.run({"items": [1, 2, 3, 4]}, run_id="fan1").result(timeout=90)
+    assert result.status is RunStatus.COMPLETED, result.error
+    assert result.output["total"] == 20
+    kids = result.output["children"]
+    assert len(set(kids)) == 4 and all(k.startswith("fan1.2.") for k in kids)  # fork token 2
+    store = cluster.app.runtime.store_for("kids:")
+    assert sorted(store.find_run_ids("fan1.")) == sorted(kids)
+    failed = runner.run({"items": [2, -1]}).result(timeout=90)
+    assert failed.status is RunStatus.FAILED and failed.error is not None
+    assert failed.error.type == "ChildFailed" and "cannot double -1" in failed.error.message
