@@ -456,7 +456,7 @@ class KeepBranch:
 class ApplyToRun:
     """A branch failed or fanned out again: that changes the fork, through `apply`."""
 
-    event: StepDone | StepFailed
+    event: StepDone | StepFailed | ChildEnded
 
 
 @dataclass(frozen=True)
@@ -491,17 +491,13 @@ def settle_child_branch(rec: RunRecord, ev: ChildEnded) -> BranchVerdict:
     """A branch's child ended: its result is the branch's output, kept like a branch's own
     (the chord that sent the branch joined long ago, so this one joins); a child that
     failed or stopped fails the branch."""
-    fork = rec.fork
-    b = fork.branches.get(ev.branch or "") if fork is not None else None
-    if (rec.status.is_terminal or fork is None or fork.token != ev.token or b is None
-            or b.child is None or b.child.run_id != ev.run_id):
+    b = _branch_calling(rec, ev)
+    if b is None:
         return IgnoreBranch(f"not waiting for child {ev.run_id}")
+    assert rec.fork is not None
+    fork = rec.fork
     if ev.status != RunStatus.COMPLETED.value:
-        why = f": {ev.error}" if ev.error is not None else ""
-        error = RunError(type="ChildFailed", message=f"child run {ev.run_id} "
-                         f"({b.child.workflow}) {ev.status}{why}")
-        return ApplyToRun(StepFailed(ev.token, ev.now, error, retryable=False,
-                                     branch=ev.branch, attempt=b.task.attempt))
+        return ApplyToRun(ev)
     result = BranchResult(output=ev.result(), finished_at=ev.now, attempt=b.task.attempt)
     entry = {"at": ev.now, "event": "branch_completed", "step": fork.step,
              "branch": ev.branch, "child": ev.run_id}
@@ -689,7 +685,26 @@ def _on_deliver(rec: RunRecord, ev: Deliver, spec: FlowSpec | None) -> Decision:
     return d
 
 
+def _branch_calling(rec: RunRecord, ev: ChildEnded) -> BranchState | None:
+    """The branch of the open fork that waits for the child `ev` is about, if any."""
+    fork = rec.fork
+    b = fork.branches.get(ev.branch or "") if fork is not None else None
+    if (rec.status.is_terminal or fork is None or fork.token != ev.token or b is None
+            or b.child is None or b.child.run_id != ev.run_id):
+        return None
+    return b
+
+
 def _on_child_ended(rec: RunRecord, ev: ChildEnded, spec: FlowSpec | None) -> Decision:
+    if ev.branch is not None:  # a branch's child failed (a completed one is kept beside)
+        b = _branch_calling(rec, ev)
+        if b is None or b.child is None or ev.status == RunStatus.COMPLETED.value:
+            return _ignore(f"not waiting for child {ev.run_id}")
+        why = f": {ev.error}" if ev.error is not None else ""
+        return _fail_with(Decision(rec), ev.now, RunError(
+            step=b.task.where, type="ChildFailed",
+            message=f"child run {ev.run_id} ({b.child.workflow}) {ev.status}{why}"),
+            finished=b.task)
     child = rec.child
     if (rec.status.is_terminal or child is None or child.token != ev.token
             or child.run_id != ev.run_id or ev.branch is not None or child.then is None):

@@ -136,6 +136,7 @@ class WorkerExecution:
             return Outcome("ignored")
         if isinstance(verdict, engine.ApplyToRun):
             changed = verdict.event
+            assert not isinstance(changed, engine.ChildEnded)  # settle_branch never gives one
             d = self.committer.apply(store, rec.run_id,
                                      lambda r, now: dataclasses.replace(changed, now=now),
                                      self.committer.registry.spec(wf.name), release=lease_id)
