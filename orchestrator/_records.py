@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,6 +316,19 @@ class RunRecord(BaseModel):
     error: RunError | None = None
     created_at: float
     updated_at: float
+
+    def waiting_for(self) -> list[str]:
+        """What a waiting run waits for, said for people (status lines, listings)."""
+        waits = []
+        if self.gate is not None:
+            waits.append(f"approval by {', '.join(self.gate.approvers)}")
+        waits += [f"event {w.name!r}" for w in self.events]
+        if self.timer is not None:
+            at = datetime.fromtimestamp(self.timer.wake_at, UTC).isoformat(timespec="seconds")
+            waits.append(f"timer until {at}")
+        if self.child is not None:
+            waits.append(f"child run {self.child.run_id} ({self.child.workflow})")
+        return waits
 
 
 class RunResult(BaseModel):

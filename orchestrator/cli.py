@@ -521,7 +521,8 @@ def _stores(client: Client) -> list[RunStore]:
 def _summary(r: RunRecord) -> dict[str, Any]:
     return {"run_id": r.run_id, "workflow": r.workflow, "version": r.version,
             "status": r.status.value, "current_step": r.current_step,
-            "created_at": r.created_at, "updated_at": r.updated_at}
+            "waiting_for": r.waiting_for(), "created_at": r.created_at,
+            "updated_at": r.updated_at}
 
 
 def _step_name(step: str | None) -> str:
@@ -562,6 +563,10 @@ def status(settings: Settings, run_id: str, as_json: bool, raw: bool) -> None:
                   + (f" at {_t(_step_name(rec.current_step))}" if rec.current_step else ""))
         if rec.error:
             out.print(f"[red]{_t(rec.error)}[/red]")
+        if rec.waiting_for():
+            out.print(f"waiting for {_t(' or '.join(rec.waiting_for()))}")
+        if rec.mailbox:
+            out.print(f"mailbox: {_t(', '.join(m.name for m in rec.mailbox))}")
         out.print_json(json.dumps({"state": rec.state, "step_results": rec.step_results}))
         for entry in history:
             out.print(_describe(entry))

@@ -238,6 +238,8 @@ def test_an_invalid_payload_is_refused_naming_the_field(cluster: Cluster,
     assert rec.status is RunStatus.WAITING and rec.mailbox == [] and rec.event_keys == []
     assert not [h for h in handle.history() if h["event"].startswith("event_")
                 and h["event"] != "event_awaited"]
+    shown = cli(redis_url, "status", "bad1").stdout
+    assert "waiting for event 'paid'" in shown
     ok = cli(redis_url, "send", "bad1", "paid", "--data", '{"amount": 3}', "--key", "k1")
     assert "delivered" in ok.stdout
     assert handle.result(timeout=60).output == {"amount": 3, "currency": "EUR"}
