@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jsonschema
 from celery import Celery
@@ -22,6 +22,9 @@ from ._runner import RunHandle
 from ._runtime import RunNotFound, Runtime, UnknownWorkflow
 from ._steward import CatalogEntry, ClusterView
 from ._stores.redis import connect, redact, unavailable_as_store_error
+
+if TYPE_CHECKING:
+    from ._schedule_api import Schedules
 
 T = TypeVar("T")
 
@@ -79,6 +82,13 @@ class Client:
             raise UnknownWorkflow(f"no worker has published a workflow named {name!r}; "
                                   f"published: {sorted(view.entries)}")
         return view.entries[name]
+
+    @property
+    def schedules(self) -> Schedules:
+        """Create, list, pause, resume, trigger and delete schedules."""
+        from ._schedule_api import Schedules  # it builds on this module
+
+        return Schedules(self)
 
     # ---- runs ------------------------------------------------------------------------
 

@@ -167,7 +167,8 @@ PUBLIC = [
     "local_runtime", "Steward", "CatalogEntry", "Client", "RunStore", "MemoryStore",
     "RedisStore", "ControlError", "InvalidInput", "RunNotFound", "StoreUnavailable",
     "UnknownWorkflow", "NonRetryable", "StepPolicy", "OrchestratorApp", "Middleware",
-    "AmbiguousRunId", "NoLiveWorker", "Sleep", "Until",
+    "AmbiguousRunId", "NoLiveWorker", "Sleep", "Until", "Schedules", "Schedule", "Overlap",
+    "ScheduleExists", "ScheduleNotFound",
 ]
 
 

@@ -8,13 +8,32 @@ real coordinator and worker processes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import redis
 
-from orchestrator._schedule_rules import Overlap, Plan, Timing, check_name, plan
+from orchestrator import (
+    Client,
+    InvalidInput,
+    Overlap,
+    RunStatus,
+    Schedule,
+    ScheduleExists,
+    ScheduleNotFound,
+    Settings,
+    UnknownWorkflow,
+    create_app,
+)
+from orchestrator._schedule_firer import ScheduleFirer
+from orchestrator._schedule_rules import Plan, Timing, check_name, plan, run_id_for
+from orchestrator._steward import publish
+from orchestrator._stores.redis import connect
+from tests import flows
+from tests.conftest import Cluster, wait_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -107,3 +126,165 @@ def test_bad_timings_and_names_are_refused() -> None:
     for name in ("", "a b", "a:b", "{x}", "-x", "x" * 101):
         with pytest.raises(ValueError, match="schedule name"):
             check_name(name)
+
+
+# ---- the firer over real Redis, with an injected `now` ------------------------------------
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Client]:
+    """A Client on a published catalog (no worker: started runs wait in their queue, which
+    is all overlap needs to see them as still going)."""
+    settings = Settings(redis_url=redis_url)
+    publish(connect(redis_url), [flows.gated, flows.slow], settings=settings)
+    c = Client(settings=settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def firer(redis_url: str) -> Iterator[ScheduleFirer]:
+    """What a coordinator runs each pass, in this process, so the test says what time it is."""
+    app = create_app(Settings(redis_url=redis_url), import_modules=False)
+    f = ScheduleFirer(app.runtime, connect(redis_url))
+    yield f
+    f.redis.close()
+    app.runtime.close()
+
+
+def _status(client: Client, run_id: str) -> RunStatus:
+    return client.attach(run_id, "Gated").status()
+
+
+def _events(s: Schedule) -> list[str]:
+    return [n["event"] for n in s.notes]
+
+
+def test_overlap_policies_on_real_runs(client: Client, firer: ScheduleFirer) -> None:
+    base = 10 * (int(firer.store.now()) // 10 + 1)
+    for policy in Overlap:
+        client.schedules.create(policy.value, "Gated", every=10, overlap=policy)
+        # One cursor for all, whichever side of a multiple of 10 each was made on.
+        firer.store.update(policy.value, lambda s: s.model_copy(update={"last_tick": base - 1}))
+    assert firer.fire_due(base) == 4  # every policy starts its first tick
+    first = {p: run_id_for(p.value, base) for p in Overlap}
+    assert firer.fire_due(base + 10) == 2  # the first runs wait at their gates
+    assert _events(client.schedules.get("skip")) == ["skipped"]
+    assert client.schedules.get("allow").last_run_id == run_id_for("allow", base + 10)
+    buffer_one = client.schedules.get("buffer_one")
+    assert buffer_one.buffered == base + 10 and _events(buffer_one) == ["buffered"]
+    assert _status(client, first[Overlap.CANCEL_OTHER]) is RunStatus.STOPPED
+    assert client.schedules.get("cancel_other").last_run_id == run_id_for("cancel_other",
+                                                                          base + 10)
+    # The previous runs end: buffer_one starts the tick it kept, before the next tick.
+    for policy in (Overlap.SKIP, Overlap.BUFFER_ONE):
+        client.attach(first[policy], "Gated").stop()
+    assert firer.fire_due(base + 15) == 1
+    assert client.schedules.get("buffer_one").last_run_id == run_id_for("buffer_one", base + 10)
+    assert firer.fire_due(base + 20) == 3  # skip, allow, cancel_other; buffer_one buffers
+    assert client.schedules.get("skip").last_run_id == run_id_for("skip", base + 20)
+
+
+def test_catchup_and_pause_resume_trigger_delete(client: Client, firer: ScheduleFirer) -> None:
+    created = client.schedules.create("late", "Gated", every=10, overlap="allow", catchup=35)
+    base = Timing(every=10).next_after(created.last_tick) or 0
+    # Back after a long outage: the ticks of the last 35 s start, once each.
+    assert firer.fire_due(base + 100) == 4
+    assert firer.fire_due(base + 100) == 0
+    late = client.schedules.get("late")
+    assert late.last_run_id == run_id_for("late", base + 100)
+    assert [(n["event"], n["from"]) for n in late.notes] == [("missed", base)]
+    client.schedules.delete("late")
+
+    client.schedules.create("held", "Gated", every=10, input={"approvers": ["ana"]})
+    assert client.schedules.pause("held").paused
+    assert firer.fire_due(base + 1000) == 0
+    resumed = client.schedules.resume("held")  # ticks that fell in the pause are not started
+    assert not resumed.paused and resumed.last_tick >= created.last_tick
+    handle = client.schedules.trigger("held")  # now, whatever the overlap policy
+    assert handle.run_id.startswith("sched-held-manual-")
+    assert handle.record().input == {"approvers": ["ana"], "min_approvals": 1, "timeout": None,
+                                     "on_timeout": None, "on_reject": None}
+    # The triggered run is the one the next tick's overlap (skip) looks at.
+    assert firer.fire_due(resumed.last_tick + 10) == 0
+    assert _events(client.schedules.get("held")) == ["skipped"]
+
+    client.schedules.delete("held")
+    assert client.schedules.list() == []
+    for verb in ("get", "pause", "resume", "trigger", "delete"):
+        with pytest.raises(ScheduleNotFound, match="no schedule named 'held'"):
+            getattr(client.schedules, verb)("held")
+    assert not handle.status().is_terminal  # the runs a schedule started go on
+
+
+def test_a_claim_is_carried_out_once_by_whichever_firer_gets_there(
+        client: Client, firer: ScheduleFirer, redis_url: str) -> None:
+    created = client.schedules.create("claimed", "Slow", every=10, overlap="allow")
+    base = Timing(every=10).next_after(created.last_tick) or 0
+    # A coordinator claimed a tick and died before starting its run.
+    stored = firer.store.get("claimed")
+    run_id = run_id_for("claimed", base)
+    firer.store.replace(stored, stored.schedule.model_copy(update={
+        "last_tick": base, "starting": [run_id], "last_run_id": run_id}))
+    app = create_app(Settings(redis_url=redis_url), import_modules=False)
+    other = ScheduleFirer(app.runtime, connect(redis_url))
+    try:
+        assert other.fire_due(base + 1) == 1 and firer.fire_due(base + 1) == 0
+        assert firer.fire_due(base + 10) + other.fire_due(base + 10) == 1  # one run per tick
+    finally:
+        other.redis.close()
+        app.runtime.close()
+    assert client.schedules.get("claimed").starting == []
+    assert client.attach(run_id, "Slow").record().input == {"seconds": 0.25}
+
+
+def test_bad_input_is_refused_before_anything_is_stored(client: Client) -> None:
+    with pytest.raises(UnknownWorkflow, match="'Nope'"):
+        client.schedules.create("s", "Nope", every=5)
+    with pytest.raises(InvalidInput, match="min_approvals"):
+        client.schedules.create("s", "Gated", every=5, input={"min_approvals": "two"})
+    with pytest.raises(ValueError, match="overlap must be one of"):
+        client.schedules.create("s", "Gated", every=5, overlap="sometimes")
+    for catchup in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="catchup must be at least 1 second"):
+            client.schedules.create("s", "Gated", every=5, catchup=catchup)
+    assert client.schedules.list() == []
+    client.schedules.create("s", "Gated", cron="0 3 * * *", timezone="Europe/Berlin")
+    with pytest.raises(ScheduleExists, match="'s' exists already"):
+        client.schedules.create("s", "Slow", every=5)
+    assert [t.utcoffset() is not None and t.hour for t in
+            client.schedules.get("s").next_fire_times(2)] == [3, 3]
+
+
+# ---- real coordinators ------------------------------------------------------------------
+
+
+def _scheduled_runs(rclient: redis.Redis, name: str) -> list[str]:
+    ids = (i.decode() for i in rclient.zrange("orchestrator:runs", 0, -1))
+    return sorted(i for i in ids if i.startswith(f"sched-{name}-"))
+
+
+def test_three_coordinators_start_exactly_one_run_per_tick(
+        cluster_factory: Any, rclient: redis.Redis) -> None:
+    c: Cluster = cluster_factory()
+    # Started together, then waited for: one after the other would take three times as long.
+    coordinators = [c._start("coordinator", f"coord{i}", "-c", "2") for i in range(3)]
+    worker = c._start("worker", "w1", "-c", "2")
+    for proc in [*coordinators, worker]:
+        c.wait_ready(proc)
+    client = Client(settings=c.settings)
+    schedules = client.schedules
+    created = schedules.create("every-second", "Slow", every=1, input={"seconds": 0},
+                               overlap="allow")
+    wait_for(lambda: len(_scheduled_runs(rclient, "every-second")) >= 10, 30,
+             what=f"10 ticks\n{c.logs()}")
+    schedules.pause("every-second")
+    ticks = [int(r.rsplit("-", 1)[1]) for r in _scheduled_runs(rclient, "every-second")]
+    # Consecutive seconds from the first after the schedule was made: none missed.
+    assert ticks == list(range(int(created.created_at) + 1, ticks[0] + len(ticks)))
+    # Each run was created by exactly one coordinator (the others found it existed).
+    started = [line for p in coordinators for line in p.log.read_text().splitlines()
+               if "schedule every-second: started run" in line]
+    assert sorted(line.rsplit(" ", 1)[1] for line in started) == [
+        f"sched-every-second-{t}" for t in ticks]
+    client.close()
