@@ -33,7 +33,8 @@ from orchestrator._schedule_rules import Plan, Timing, check_name, plan, run_id_
 from orchestrator._steward import publish
 from orchestrator._stores.redis import connect
 from tests import flows
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, free_port, wait_for
+from tests.test_cli import cli, cli_json
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -256,6 +257,27 @@ def test_bad_input_is_refused_before_anything_is_stored(client: Client) -> None:
             client.schedules.get("s").next_fire_times(2)] == [3, 3]
 
 
+def test_cli_errors_are_one_line_with_their_exit_codes(client: Client, redis_url: str) -> None:
+    def code(*args: str, url: str = redis_url) -> tuple[int, str]:
+        proc = cli(url, "schedules", *args, check=False)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return proc.returncode, proc.stderr
+
+    assert code("create", "s", "Nope", "--every", "5")[0] == 3
+    for args, message in [
+        (["--cron", "0 25 * * *"], "Bad hour"),
+        (["--cron", "0 3 * * *", "--timezone", "Europe/Atlantis"], "unknown time zone"),
+        (["--every", "5", "--input", "{"], "--input is not valid JSON"),
+        (["--every", "5", "--input", '{"approvers": "ana"}'], "approvers: 'ana' is not of"),
+        (["--every", "5", "--cron", "* * * * *"], "not both"),
+    ]:
+        returncode, stderr = code("create", "s", "Gated", *args)
+        assert returncode == 2 and message in stderr
+    assert code("trigger", "nothing") == (3, "error: no schedule named 'nothing'\n")
+    assert code("list", url=f"redis://127.0.0.1:{free_port()}/0")[0] == 5
+    assert cli_json(redis_url, "schedules", "list") == []
+
+
 # ---- real coordinators ------------------------------------------------------------------
 
 
@@ -288,3 +310,25 @@ def test_three_coordinators_start_exactly_one_run_per_tick(
     assert sorted(line.rsplit(" ", 1)[1] for line in started) == [
         f"sched-every-second-{t}" for t in ticks]
     client.close()
+
+
+def test_cli_schedule_on_a_cluster_skips_ticks_while_its_run_waits(
+        cluster: Cluster, redis_url: str, rclient: redis.Redis) -> None:
+    cli(redis_url, "schedules", "create", "gate", "Gated", "--cron", "* * * * * *",
+        "--timezone", "Europe/Berlin")  # every second (six fields: seconds first)
+    listed = cli_json(redis_url, "schedules", "list")
+    assert [(s["name"], s["overlap"], s["timezone"], len(s["next"])) for s in listed] == [
+        ("gate", "skip", "Europe/Berlin", 3)]
+    first = wait_for(lambda: _scheduled_runs(rclient, "gate"), 30, what="a first run")[0]
+    wait_for(lambda: "skipped" in [n["event"] for n in cli_json(
+        redis_url, "schedules", "list")[0]["notes"]], 30, what="a tick skipped while it waits")
+    assert _scheduled_runs(rclient, "gate") == [first]
+    cli(redis_url, "approve", first, "--as", "ops-lead")
+    wait_for(lambda: len(_scheduled_runs(rclient, "gate")) == 2, 30, what="the next tick's run")
+    table = cli(redis_url, "schedules", "list").stdout
+    assert "gate" in table and "Gated" in table and "* * * * * * (Europe/Berlin)" in table
+    cli(redis_url, "schedules", "pause", "gate")
+    triggered = cli_json(redis_url, "schedules", "trigger", "gate")["run_id"]
+    assert triggered in _scheduled_runs(rclient, "gate")
+    assert cli(redis_url, "schedules", "delete", "gate").stdout.strip() == "gate: deleted"
+    assert cli_json(redis_url, "schedules", "list") == []
