@@ -34,6 +34,9 @@ from ._records import RunError, RunRecord, RunResult, RunStatus, StepPolicy
 from ._reducers import reducer
 from ._runner import RunFailed, RunHandle, WorkflowRunner, local_runtime
 from ._runtime import RunNotFound, UnknownWorkflow
+from ._schedule_api import Schedules
+from ._schedule_rules import Overlap
+from ._schedules import Schedule, ScheduleExists, ScheduleNotFound
 from ._steward import CatalogEntry, Steward
 from ._stores import MemoryStore, RedisStore, RunStore, StoreUnavailable
 
@@ -75,6 +78,10 @@ __all__ = [
     "Steward",
     "CatalogEntry",
     "Client",
+    # schedules
+    "Schedules",
+    "Schedule",
+    "Overlap",
     # stores
     "RunStore",
     "MemoryStore",
@@ -86,6 +93,8 @@ __all__ = [
     "AmbiguousRunId",
     "NoLiveWorker",
     "RunNotFound",
+    "ScheduleExists",
+    "ScheduleNotFound",
     "StoreUnavailable",
     "UnknownWorkflow",
 ]

@@ -25,6 +25,7 @@ from ._middleware import Middleware
 from ._records import RunError
 from ._runtime import Runtime
 from ._steward import CatalogHeartbeat
+from ._stores.redis import connect
 
 log = logging.getLogger("orchestrator.celery")
 
@@ -127,7 +128,8 @@ for _signal in (signals.after_setup_logger, signals.after_setup_task_logger):
 
 
 class Sweeper(bootsteps.StartStopStep):
-    """Coordinator duty: fire due timers and re-drive lost work, every sweep_interval."""
+    """Coordinator duty: fire due timers and schedules, re-drive lost work, every
+    sweep_interval."""
 
     requires = ("celery.worker.components:Timer",)
 
@@ -135,16 +137,20 @@ class Sweeper(bootsteps.StartStopStep):
         self._stop = threading.Event()
 
     def start(self, worker: Any) -> None:
+        from ._schedule_firer import ScheduleFirer  # it starts runs as the Client does
+
         runtime: Runtime = worker.app.runtime
         interval = runtime.settings.sweep_interval
+        schedules = ScheduleFirer(runtime, connect(runtime.settings.redis_url))
 
         def loop() -> None:
             # A pass that claimed a full batch left more due: the next one starts at once.
             while not self._stop.wait(0 if runtime.sweeper.saturated else interval):
-                try:
-                    runtime.sweep_all()
-                except Exception:
-                    log.exception("sweep failed")
+                for duty in (runtime.sweep_all, schedules.fire_due):
+                    try:
+                        duty()
+                    except Exception:
+                        log.exception("%s failed", duty.__name__)
 
         threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True).start()
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery
 
@@ -21,6 +21,9 @@ from ._runtime import RunNotFound, Runtime, UnknownWorkflow
 from ._schemas import normalise, schema_errors
 from ._steward import CatalogEntry, ClusterView
 from ._stores.redis import connect, redact, unavailable_as_store_error
+
+if TYPE_CHECKING:
+    from ._schedule_api import Schedules
 
 T = TypeVar("T")
 
@@ -78,6 +81,13 @@ class Client:
             raise UnknownWorkflow(f"no worker has published a workflow named {name!r}; "
                                   f"published: {sorted(view.entries)}")
         return view.entries[name]
+
+    @property
+    def schedules(self) -> Schedules:
+        """Create, list, pause, resume, trigger and delete schedules."""
+        from ._schedule_api import Schedules  # it builds on this module
+
+        return Schedules(self)
 
     # ---- runs ------------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from . import _graph
 from ._celery import Sweeper, create_app
+from ._cli_schedules import schedules_group
 from ._client import Client
 from ._committer import MAX_INPUT_DEPTH, nesting_depth
 from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
@@ -44,6 +45,7 @@ from ._engine import ControlError
 from ._records import Gate, RunRecord, RunStatus
 from ._runner import RunHandle, WorkflowRunner
 from ._runtime import RunNotFound, UnknownWorkflow
+from ._schedules import ScheduleNotFound
 from ._stores import CorruptRecord, RunStore, StoreUnavailable
 
 EXIT_RUN_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_FORBIDDEN = 1, 2, 3, 4
@@ -74,7 +76,7 @@ EXIT_CODES: Sequence[tuple[ExceptionTypes, int]] = (
     (AtGate, EXIT_WAITING),
     (TimeoutError, EXIT_TIMEOUT),
     (PermissionError, EXIT_FORBIDDEN),
-    ((RunNotFound, UnknownWorkflow), EXIT_NOT_FOUND),
+    ((RunNotFound, UnknownWorkflow, ScheduleNotFound), EXIT_NOT_FOUND),
     ((ValueError, ControlError), EXIT_USAGE),
     ((StoreUnavailable, ConnectionError, OSError, redis.RedisError,
       kombu.exceptions.OperationalError), EXIT_UNREACHABLE),
@@ -742,6 +744,7 @@ def _report(handle: RunHandle, as_json: bool) -> None:
 
 
 cli.add_command(dev)
+cli.add_command(schedules_group(_guard, _t, parse_input))
 
 if __name__ == "__main__":
     main()

@@ -168,7 +168,7 @@ PUBLIC = [
     "RedisStore", "ControlError", "InvalidInput", "RunNotFound", "StoreUnavailable",
     "UnknownWorkflow", "NonRetryable", "StepPolicy", "OrchestratorApp", "Middleware",
     "AmbiguousRunId", "NoLiveWorker", "Sleep", "Until", "Event", "AnyOf", "Call",
-    "InvalidEvent",
+    "InvalidEvent", "Schedules", "Schedule", "Overlap", "ScheduleExists", "ScheduleNotFound",
 ]
 
 
