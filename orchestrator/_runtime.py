@@ -9,6 +9,7 @@ Both modes use the same parts and differ only in the store and the dispatcher:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,9 @@ from ._stores import Loaded, RedisStore, RunStore
 from ._stores.redis import connect
 from ._sweeper import Sweeper
 from ._worker import Outcome, WorkerExecution
+
+# Seconds a runtime reuses what it read of the catalog (for workflows it does not host).
+CATALOG_READ_EVERY = 1.0
 
 __all__ = ["CommitConflict", "InvalidEvent", "RunNotFound", "Runtime", "UnknownWorkflow"]
 
@@ -56,6 +60,7 @@ class Runtime:
         self._stores: dict[str, RunStore] = {}
         self._store_factory = store_factory or self._redis_store
         self._catalog_client: Any = None
+        self._catalog: tuple[float, dict[str, CatalogEntry]] | None = None
         for wf in workflows:
             self.register(wf)
 
@@ -133,11 +138,13 @@ class Runtime:
         stored); ControlError for a finished run; RunNotFound."""
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
             raise InvalidEvent(f"event key must be 1-200 characters, got {key!r}")
-        rec = store.load(run_id).record
-        if rec is None:
+        loaded = store.load(run_id)
+        if loaded.record is None:
             raise RunNotFound(f"no run {run_id!r}")
-        checked = self.events.check(rec.workflow, name, payload, self.settings.max_payload)
-        d = self.apply(store, run_id, lambda r, now: engine.Deliver(now, name, checked, key))
+        checked = self.events.check(loaded.record.workflow, name, payload,
+                                    self.settings.max_payload)
+        d = self.apply(store, run_id, lambda r, now: engine.Deliver(now, name, checked, key),
+                       loaded=loaded)
         if d.ignored:
             return "duplicate"
         return ("delivered" if any(h["event"] == "event_received" for h in d.history)
@@ -146,9 +153,15 @@ class Runtime:
     # ---- the catalog, for workflows this process does not host --------------------------
 
     def _published(self, name: str) -> CatalogEntry | None:
-        if self._catalog_client is None:
-            self._catalog_client = connect(self.settings.redis_url)
-        return ClusterView.read(self._catalog_client, self.settings.key_prefix).entries.get(name)
+        """A workflow's catalog entry, read at most once a second: a webhook handler that
+        sends many events must not parse the whole catalog for each."""
+        now = time.monotonic()
+        if self._catalog is None or now - self._catalog[0] > CATALOG_READ_EVERY:
+            if self._catalog_client is None:
+                self._catalog_client = connect(self.settings.redis_url)
+            view = ClusterView.read(self._catalog_client, self.settings.key_prefix)
+            self._catalog = (now, view.entries)
+        return self._catalog[1].get(name)
 
     def _published_events(self, name: str) -> dict[str, dict[str, Any] | None] | None:
         entry = self._published(name)
