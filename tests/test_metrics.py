@@ -7,6 +7,7 @@ this test starts and stops itself (an app, like any other, that serves no metric
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -27,6 +28,9 @@ from orchestrator._metrics_cluster import ClusterCollector
 from orchestrator._records import RunRecord, Task
 from tests import flows
 from tests.conftest import ROOT, TEST_ENV, Cluster, free_port, wait_for
+
+README = (ROOT / "README.md").read_text()
+DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -211,3 +215,13 @@ def test_a_metrics_port_in_use_is_a_usage_error(redis_url: str) -> None:
     assert done.returncode == 2, done.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
 
+
+def test_the_readme_and_the_dashboard_name_every_metric_and_only_those() -> None:
+    section = README.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(orchestrator_[a-z_]+)`", section, re.MULTILINE))
+    assert documented == defined_names()
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"]
+                                       if p["type"] != "row")
+    used = {exposed_name(n) for n in re.findall(r"\borchestrator_[a-z_]+", DASHBOARD.read_text())}
+    assert used == defined_names()
