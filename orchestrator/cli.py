@@ -42,6 +42,7 @@ from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
 from ._dev import dev
 from ._engine import ControlError
+from ._middleware import Middleware
 from ._records import Gate, RunRecord, RunStatus
 from ._runner import RunHandle, WorkflowRunner
 from ._runtime import RunNotFound, UnknownWorkflow
@@ -389,7 +390,7 @@ def _print_result(result: dict[str, Any]) -> None:
 # ---- processes ------------------------------------------------------------------------
 
 
-def _hosting_app(settings: Settings, middleware: Sequence[Any] = ()) -> Any:
+def _hosting_app(settings: Settings, middleware: Sequence[Middleware] = ()) -> Any:
     """The app with every workflow module imported; a module that will not import is bad
     configuration, said in one line (not Celery's traceback)."""
     try:
