@@ -42,6 +42,7 @@ from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
 from ._dev import dev
 from ._engine import ControlError
+from ._middleware import Middleware
 from ._records import Gate, RunRecord, RunStatus
 from ._runner import RunHandle, WorkflowRunner
 from ._runtime import RunNotFound, UnknownWorkflow
@@ -389,15 +390,47 @@ def _print_result(result: dict[str, Any]) -> None:
 # ---- processes ------------------------------------------------------------------------
 
 
-def _hosting_app(settings: Settings) -> Any:
+def _hosting_app(settings: Settings, middleware: Sequence[Middleware] = ()) -> Any:
     """The app with every workflow module imported; a module that will not import is bad
     configuration, said in one line (not Celery's traceback)."""
     try:
-        return create_app(settings)
+        return create_app(settings, middleware=middleware)
     except ImportError as exc:
         raise BadInput(f"cannot import the workflow modules {','.join(settings.workflows)!r} "
                        f"(ORCHESTRATOR_WORKFLOWS or --workflows; is the folder that holds "
                        f"them on PYTHONPATH?): {exc}") from None
+
+
+def _metrics_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--metrics-address", default="127.0.0.1", show_default=True,
+                      help="Interface the metrics server listens on (0.0.0.0: every one).")(fn)
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                        help="Serve Prometheus metrics on http://ADDRESS:PORT/metrics "
+                             "(0 or absent: no server).")(fn)
+
+
+def _serving_app(settings: Settings, metrics_port: int | None, metrics_address: str,
+                 cluster: bool) -> Any:
+    """The hosting app, counting for Prometheus and serving /metrics when a port is given;
+    a coordinator (`cluster`) also serves the cluster's numbers read from Redis."""
+    if not metrics_port:
+        return _hosting_app(settings)
+    from . import _metrics_http
+
+    samples = _metrics_http.prepare()  # before prometheus_client is imported and the pool forks
+    from ._metrics import MetricsMiddleware
+    from ._metrics_cluster import ClusterCollector
+
+    app = _hosting_app(settings, [MetricsMiddleware()])
+    try:
+        _metrics_http.serve(metrics_port, metrics_address,
+                            [ClusterCollector(app.runtime)] if cluster else [])
+    except OSError as exc:  # not the network error _guard would say it is
+        raise BadInput(f"cannot serve metrics on {metrics_address}:{metrics_port}: "
+                       f"{exc}") from None
+    click.echo(f"metrics on http://{metrics_address}:{metrics_port}/metrics "
+               f"(process samples in {samples})", err=True)
+    return app
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -406,13 +439,15 @@ def _hosting_app(settings: Settings) -> Any:
 @click.option("-P", "--pool", default="prefork")
 @click.option("-l", "--loglevel", default="INFO")
 @click.option("-n", "--hostname", default="worker@%h")
+@_metrics_options
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 @_guard
 def worker(settings: Settings, queues: str | None, concurrency: int | None, pool: str,
-           loglevel: str, hostname: str, celery_args: tuple[str, ...]) -> None:
+           loglevel: str, hostname: str, metrics_port: int | None, metrics_address: str,
+           celery_args: tuple[str, ...]) -> None:
     """Run a worker: executes the steps of the hosted workflows (a `celery worker`)."""
-    app = _hosting_app(settings)
+    app = _serving_app(settings, metrics_port, metrics_address, cluster=False)
     runtime = app.runtime
     step_queues = sorted({q for wf in runtime.workflows.values() for q in wf.queues().values()}
                          | {DEFAULT_QUEUE})
@@ -427,13 +462,15 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
 @click.option("-c", "--concurrency", type=int, default=4)
 @click.option("-l", "--loglevel", default="INFO")
 @click.option("-n", "--hostname", default="coordinator@%h")
+@_metrics_options
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 @_guard
 def coordinator(settings: Settings, concurrency: int, loglevel: str, hostname: str,
+                metrics_port: int | None, metrics_address: str,
                 celery_args: tuple[str, ...]) -> None:
     """Run a coordinator: fires timers, recovers lost work (lost steps, lost chord bodies)."""
-    app = _hosting_app(settings)
+    app = _serving_app(settings, metrics_port, metrics_address, cluster=True)
     app.steps["worker"].add(Sweeper)
     app.worker_main(["worker", "-Q", COORDINATOR_QUEUE, "-P", "threads", "-c", str(concurrency),
                      "-l", loglevel, "-n", hostname, *celery_args])

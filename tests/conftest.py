@@ -202,9 +202,9 @@ class Cluster:
         self.wait_ready(proc)
         return proc
 
-    def coordinator(self, name: str | None = None) -> Process:
+    def coordinator(self, name: str | None = None, *extra: str) -> Process:
         name = name or f"coord{uuid.uuid4().hex[:6]}"
-        proc = self._start("coordinator", name, "-c", "2")
+        proc = self._start("coordinator", name, "-c", "2", *extra)
         self.wait_ready(proc)
         return proc
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from orchestrator import _engine as engine
-from orchestrator._engine import FanOut, GateSpec, GoTo, StepDone, WaitFor
+from orchestrator._engine import Expect, FanOut, GateSpec, GoTo, StepDone, WaitFor
 from orchestrator._leases import LeaseKeeper
 from orchestrator._records import (
     BranchResult,
@@ -19,7 +19,7 @@ from orchestrator._records import (
     StepPolicy,
     StepSpec,
 )
-from orchestrator._stores import CorruptRecord, MemoryStore, RedisStore, RunStore
+from orchestrator._stores import CorruptRecord, MemoryStore, RedisStore, RunStore, Waits
 from tests.conftest import wait_for
 
 Q = StepSpec(StepPolicy(queue="q"))
@@ -142,6 +142,45 @@ def test_gate_indexes_follow_the_record(store: RunStore) -> None:
     assert closed.record is not None
     assert store.commit(d.record, 2, closed.record, closed.history, None)
     assert store.pending_gates() == [] and store.pending_gates("ann") == []
+
+
+def test_totals_and_waits_follow_the_record(store: RunStore) -> None:
+    """What metrics read: runs started and ended (counters that outlive the runs), the runs
+    waiting at a gate or for an event with their oldest wait, and timers nobody claimed."""
+    none = {"gate": Waits(0, None), "event": Waits(0, None)}
+    assert store.run_totals("W") == dict.fromkeys(["started", "completed", "failed",
+                                                   "stopped"], 0)
+    assert store.waiting("W") == none
+    gated, awaiting = new_run(store, "g"), new_run(store, "e")
+    new_run(store, "v", spec=OTHER)
+    assert store.run_totals("W")["started"] == 2 and store.run_totals("V")["started"] == 1
+    gate = GateSpec(approvers=("ann",), then="B")
+    at_gate = engine.apply(gated, StepDone(1, 50.0, {}, WaitFor(gate)), SPEC).record
+    for_event = engine.apply(awaiting, StepDone(1, 40.0, {}, Expect("paid", "B")), SPEC).record
+    assert at_gate is not None and for_event is not None
+    assert store.commit(gated, 1, at_gate, [], None)
+    assert store.commit(awaiting, 1, for_event, [], None)
+    assert store.waiting("W") == {"gate": Waits(1, 50.0), "event": Waits(1, 40.0)}
+    assert store.waiting("V") == none
+    quarantined = new_run(store, "q")  # a corrupt record leaves the wait indexes too
+    older = engine.apply(quarantined, StepDone(1, 45.0, {}, WaitFor(gate)), SPEC).record
+    assert older is not None and store.commit(quarantined, 1, older, [], None)
+    assert store.waiting("W")["gate"] == Waits(2, 45.0)
+    store.quarantine("q")
+    assert store.waiting("W")["gate"] == Waits(1, 50.0)
+    # An approval short of min_approvals, or any other commit, leaves the wait as it began.
+    paused = engine.apply(at_gate, engine.Pause(60.0), SPEC).record
+    assert paused is not None and store.commit(at_gate, 2, paused, [], None)
+    assert store.waiting("W")["gate"] == Waits(1, 50.0)
+    stop(store, paused, 3)
+    received = engine.apply(for_event, engine.Deliver(70.0, "paid", 1), SPEC).record
+    assert received is not None and store.commit(for_event, 2, received, [], None)
+    assert store.waiting("W") == none
+    assert store.run_totals("W") == {"started": 3, "completed": 0, "failed": 0, "stopped": 1}
+    store.set_due("late", store.now() - 30)
+    store.set_due("soon", store.now() + 30)
+    assert store.count_overdue(store.now() - 10) == 1
+    assert store.count_overdue(store.now() + 60) >= 2
 
 
 def test_branch_results_are_kept_once_per_open_fork(store: RunStore) -> None:

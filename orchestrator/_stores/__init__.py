@@ -1,8 +1,8 @@
 """Run stores: one interface, one module per backend."""
 
-from .base import CorruptRecord, Loaded, RunPage, RunStore, StoreUnavailable
+from .base import CorruptRecord, Loaded, RunPage, RunStore, StoreUnavailable, Waits
 from .memory import MemoryStore
 from .redis import RedisStore
 
 __all__ = ["CorruptRecord", "Loaded", "MemoryStore", "RedisStore", "RunPage", "RunStore",
-           "StoreUnavailable"]
+           "StoreUnavailable", "Waits"]

@@ -11,6 +11,10 @@ misses or repeats an entry. Where entries were dropped between the kept head and
 
 A finished run (completed, failed, stopped) is kept `retain_seconds`; then all its data
 goes, and `purge_expired` (called by the sweep) removes what still lists it.
+
+For metrics, a store also keeps per workflow what a scrape can read in a few cheap calls:
+how many runs started and ended each way (counters that outlive the runs), and the runs
+waiting at a gate or for an event, indexed by when their wait began.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pydantic import ValidationError
 from .._records import BranchResult, RunRecord, RunStatus
 
 TRIMMED = "history_trimmed"
+WAIT_KINDS = ("gate", "event")  # the waits `RunStore.waiting` counts
+TOTALS = ("started", "completed", "failed", "stopped")  # what `run_totals` counts
 
 
 class StoreUnavailable(ConnectionError):
@@ -46,6 +52,14 @@ class Loaded:
     version: int
     now: float
     starts: int = 1  # how often this (task, attempt) began, lease expiries included
+
+
+@dataclass(frozen=True)
+class Waits:
+    """Runs waiting for one kind of thing, and when the longest of those waits began."""
+
+    count: int = 0
+    oldest: float | None = None  # the store's clock; None while nothing waits
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,21 @@ class RunStore(abc.ABC):
         """How many runs (of `workflow`) are in each status."""
 
     @abc.abstractmethod
+    def run_totals(self, workflow: str) -> dict[str, int]:
+        """How many runs of `workflow` this store ever created (`started`) and how many
+        ended each way (`completed`, `failed`, `stopped`). Counters: they only grow, and
+        the purge of finished runs leaves them."""
+
+    @abc.abstractmethod
+    def waiting(self, workflow: str) -> dict[str, Waits]:
+        """Runs of `workflow` waiting at a gate (`gate`) and for an event (`event`), each
+        with when its longest wait began; a run waiting on an AnyOf of both counts in both."""
+
+    @abc.abstractmethod
+    def count_overdue(self, before: float) -> int:
+        """Runs whose timer fell due before `before` and that no sweep has claimed since."""
+
+    @abc.abstractmethod
     def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
         """Run ids starting with `prefix`, in order (quarantined runs included)."""
 
@@ -217,6 +246,22 @@ def closed_fork(previous: RunRecord, record: RunRecord) -> int | None:
     if record.fork is not None and record.fork.token == previous.fork.token:
         return None
     return previous.fork.token
+
+
+def wait_since(record: RunRecord | None, kind: str) -> float | None:
+    """When `record` began waiting for `kind` (one of WAIT_KINDS); None if it does not."""
+    if record is None:
+        return None
+    if kind == "gate":
+        return None if record.gate is None else record.gate.opened_at
+    return min((w.since for w in record.events), default=None)
+
+
+def ended_as(previous: RunRecord, record: RunRecord) -> str | None:
+    """The status `record` ends the run in, if this commit is the one that ends it."""
+    if record.status.is_terminal and record.status != previous.status:
+        return record.status.value
+    return None
 
 
 def gate_approvers(record: RunRecord | None) -> set[str]:

@@ -16,18 +16,23 @@ from typing import Any
 
 from .._records import BranchResult, RunRecord, RunStatus
 from .base import (
+    TOTALS,
     TRIMMED,
+    WAIT_KINDS,
     CorruptRecord,
     Loaded,
     RunPage,
     RunStore,
+    Waits,
     check_limit,
     closed_fork,
     decode_cursor,
     encode_cursor,
+    ended_as,
     entry_json,
     parse_record,
     record_json,
+    wait_since,
 )
 
 
@@ -94,6 +99,9 @@ class MemoryStore(RunStore):
         self._due: dict[str, float] = {}
         self._gates: set[str] = set()
         self._corrupt: set[str] = set()
+        self._totals: dict[str, dict[str, int]] = {}  # workflow -> TOTALS -> count
+        # kind -> run id -> (workflow, when its wait began)
+        self._waits: dict[str, dict[str, tuple[str, float]]] = {k: {} for k in WAIT_KINDS}
 
     def now(self) -> float:
         return time.time()
@@ -116,7 +124,12 @@ class MemoryStore(RunStore):
                 run.history.append(h)
             self._runs[record.run_id] = run
             self._set_due(record.run_id, due)
+            self._count(record.workflow, "started")
             return True
+
+    def _count(self, workflow: str, total: str) -> None:
+        counts = self._totals.setdefault(workflow, dict.fromkeys(TOTALS, 0))
+        counts[total] += 1
 
     def load(self, run_id: str) -> Loaded:
         with self._lock:
@@ -179,6 +192,14 @@ class MemoryStore(RunStore):
                 self._gates.discard(record.run_id)
             else:
                 self._gates.add(record.run_id)
+            if (ended := ended_as(previous, record)) is not None:
+                self._count(record.workflow, ended)
+            for kind, waits in self._waits.items():
+                since = wait_since(record, kind)
+                if since is None:
+                    waits.pop(record.run_id, None)
+                else:
+                    waits[record.run_id] = (record.workflow, since)
             if record.status.is_terminal:
                 run.expires_at = self.now() + self.retain_seconds
             return True
@@ -277,6 +298,21 @@ class MemoryStore(RunStore):
                     counts[run.status] += 1
         return counts
 
+    def run_totals(self, workflow: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._totals.get(workflow, dict.fromkeys(TOTALS, 0)))
+
+    def waiting(self, workflow: str) -> dict[str, Waits]:
+        with self._lock:
+            found = {kind: [since for wf, since in waits.values() if wf == workflow]
+                     for kind, waits in self._waits.items()}
+        return {kind: Waits(len(since), min(since, default=None))
+                for kind, since in found.items()}
+
+    def count_overdue(self, before: float) -> int:
+        with self._lock:
+            return sum(1 for due in self._due.values() if due < before)
+
     def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
         with self._lock:
             ids = [r for r in self._runs if r.startswith(prefix) and self._run(r) is not None]
@@ -309,6 +345,8 @@ class MemoryStore(RunStore):
         self._due.pop(run_id, None)
         self._gates.discard(run_id)
         self._corrupt.discard(run_id)
+        for waits in self._waits.values():
+            waits.pop(run_id, None)
 
     def quarantine(self, run_id: str) -> None:
         with self._lock:
@@ -319,6 +357,8 @@ class MemoryStore(RunStore):
             self._due.pop(run_id, None)
             self._gates.discard(run_id)
             self._corrupt.add(run_id)
+            for waits in self._waits.values():
+                waits.pop(run_id, None)
 
     def corrupt_runs(self) -> list[str]:
         with self._lock:

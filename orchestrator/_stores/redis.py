@@ -19,6 +19,9 @@ slot):
                                 zset  run id -> created_at, both
     P ids                       zset  run id -> 0: by id, for prefix search (ZRANGEBYLEX)
     P gates, P gates:<who>      set   runs waiting at a gate, all and by approver
+    P waits:wf:<workflow>:gate, P waits:wf:<workflow>:event
+                                zset  run id -> when its wait began (metrics: count, oldest)
+    P totals:wf:<workflow>      hash  started, completed, failed, stopped -> runs ever
     P expiry                    zset  run id -> when its keys expire (finished runs)
     P expiry:workflow           hash  run id -> workflow, so the purge finds its entries
     P corrupt                   set   quarantined runs (record unreadable)
@@ -46,20 +49,25 @@ from redis.retry import Retry
 
 from .._records import BranchResult, RunRecord, RunStatus
 from .base import (
+    TOTALS,
     TRIMMED,
+    WAIT_KINDS,
     CorruptRecord,
     Loaded,
     RunPage,
     RunStore,
     StoreUnavailable,
+    Waits,
     check_limit,
     closed_fork,
     decode_cursor,
     encode_cursor,
+    ended_as,
     entry_json,
     gate_approvers,
     parse_record,
     record_json,
+    wait_since,
 )
 
 T = TypeVar("T")
@@ -148,6 +156,12 @@ class RedisStore(RunStore):
     def _idx(self, name: str) -> str:
         return f"{self.key_prefix}{name}"
 
+    def _totals(self, workflow: str) -> str:
+        return self._idx(f"totals:wf:{workflow}")
+
+    def _waits(self, workflow: str, kind: str) -> str:
+        return self._idx(f"waits:wf:{workflow}:{kind}")
+
     def _listing(self, status: RunStatus | None, workflow: str | None) -> str:
         """The index listing the runs of `status` and `workflow` (None: any)."""
         parts = ["runs"]
@@ -169,7 +183,7 @@ class RedisStore(RunStore):
         run_id, wf, status = record.run_id, record.workflow, record.status
         keys = [self._rec(run_id), *self._hist(run_id), self._listing(None, None),
                 self._listing(status, None), self._listing(None, wf), self._listing(status, wf),
-                self._idx("ids"), self._idx("due"), self._idx("expiry")]
+                self._idx("ids"), self._idx("due"), self._idx("expiry"), self._totals(wf)]
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *(entry_json(h) for h in history)]
@@ -235,13 +249,16 @@ class RedisStore(RunStore):
                 # one the indexes hold.
                 self._listing(previous.status, None), self._listing(record.status, None),
                 self._listing(previous.status, wf), self._listing(record.status, wf),
-                self._idx("expiry"), self._idx("expiry:workflow"),
+                self._idx("expiry"), self._idx("expiry:workflow"), self._totals(wf),
+                *(self._waits(wf, kind) for kind in WAIT_KINDS),
                 *(self._idx(f"gates:{w}") for w in sorted(who))]
         retain = self.retain_seconds if record.status.is_terminal else 0
         args: list[str | int] = [version, record_json(record), run_id,
                                  repr(record.created_at),
                 "" if due is None else repr(due), retain, gate_op,
                 "" if record.fork is None else str(record.fork.token), wf,
+                ended_as(previous, record) or "",
+                *(_wait_op(previous, record, kind) for kind in WAIT_KINDS),
                 *(entry_json(h) for h in history)]
         return bool(self._commit(keys=keys, args=args))
 
@@ -338,6 +355,25 @@ class RedisStore(RunStore):
         return dict(zip(RunStatus, pipe.execute(), strict=True))
 
     @unavailable_as_store_error
+    def run_totals(self, workflow: str) -> dict[str, int]:
+        counted = {_text(k): int(v) for k, v in self.redis.hgetall(self._totals(workflow)).items()}
+        return {name: counted.get(name, 0) for name in TOTALS}
+
+    @unavailable_as_store_error
+    def waiting(self, workflow: str) -> dict[str, Waits]:
+        pipe = self.redis.pipeline(transaction=False)
+        for kind in WAIT_KINDS:
+            pipe.zcard(self._waits(workflow, kind))
+            pipe.zrange(self._waits(workflow, kind), 0, 0, withscores=True)
+        found = pipe.execute()
+        return {kind: Waits(int(count), float(first[0][1]) if first else None)
+                for kind, count, first in zip(WAIT_KINDS, found[::2], found[1::2], strict=True)}
+
+    @unavailable_as_store_error
+    def count_overdue(self, before: float) -> int:
+        return int(self.redis.zcount(self._idx("due"), "-inf", f"({before!r}"))
+
+    @unavailable_as_store_error
     def find_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
         # 0xff never occurs in UTF-8, so it sorts after every id that has the prefix.
         low, high = b"[" + prefix.encode(), b"(" + prefix.encode() + b"\xff"
@@ -398,6 +434,15 @@ def _listed(run_id: str, doc: bytes | None) -> RunRecord | None:
         return parse_record(run_id, doc)
     except CorruptRecord:
         return None
+
+
+def _wait_op(previous: RunRecord, record: RunRecord, kind: str) -> str:
+    """What a commit does to a wait index: '' nothing, '-' the wait is over, else when the
+    (new) wait began. Only a commit that changes the wait writes to the index."""
+    before, after = wait_since(previous, kind), wait_since(record, kind)
+    if before == after:
+        return ""
+    return "-" if after is None else repr(after)
 
 
 def _text(value: Any) -> str:

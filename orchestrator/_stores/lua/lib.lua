@@ -32,6 +32,8 @@ local function unindex(prefix, id, workflow)
   end
   redis.call('ZREM', prefix .. 'due', id)
   redis.call('SREM', prefix .. 'gates', id)
+  redis.call('ZREM', prefix .. 'waits:wf:' .. workflow .. ':gate', id)
+  redis.call('ZREM', prefix .. 'waits:wf:' .. workflow .. ':event', id)
 end
 
 -- Drop every index entry of a run whose keys expired.
