@@ -681,9 +681,11 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
 
 
 def _on_deliver(rec: RunRecord, ev: Deliver, spec: FlowSpec | None) -> Decision:
-    _require_active(rec, "send to")
+    # A retried send is a duplicate even once the run has ended: the sender sees the same
+    # answer however late its retry comes.
     if ev.key is not None and ev.key in rec.event_keys:
         return _ignore(f"an event with key {ev.key!r} was sent already")
+    _require_active(rec, "send to")
     d = Decision(rec)
     message = Message(name=ev.name, payload=ev.payload, key=ev.key, at=ev.now)
     if ev.key is not None:

@@ -137,8 +137,6 @@ class Runtime:
         rec = store.load(run_id).record
         if rec is None:
             raise RunNotFound(f"no run {run_id!r}")
-        if rec.status.is_terminal:
-            raise engine.ControlError(f"cannot send to run {run_id}: it is {rec.status.value}")
         checked = self.events.check(rec.workflow, name, payload, self.settings.max_payload)
         d = self.apply(store, run_id, lambda r, now: engine.Deliver(now, name, checked, key))
         if d.ignored:
