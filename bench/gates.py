@@ -73,7 +73,8 @@ def main() -> None:
         wait_until(lambda: client.scard("bench:gates") == args.runs, 1200, "runs to park")
         parked_s = time.perf_counter() - started
         per_run = (client.info("memory")["used_memory"] - before) / args.runs
-        queued = sum(client.llen(q) for q in (b"orchestrator.steps", b"orchestrator.coordinator"))
+        queued = sum(client.llen(q) for q in [*client.scan_iter("orchestrator.steps*"),
+                                                 b"orchestrator.coordinator"])
 
         latencies = []
         for handle in handles[: args.approvals]:

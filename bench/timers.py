@@ -87,7 +87,8 @@ def main() -> None:
             raise SystemExit(f"only {asleep()} of {args.runs} asleep before the instant: "
                              f"raise --lead")
         per_run = (client.info("memory")["used_memory"] - before) / args.runs
-        queued = sum(client.llen(q) for q in (b"orchestrator.steps", b"orchestrator.coordinator"))
+        queued = sum(client.llen(q) for q in [*client.scan_iter("orchestrator.steps*"),
+                                                 b"orchestrator.coordinator"])
         done = lambda: store.count_runs("BenchSleepers")[RunStatus.COMPLETED]  # noqa: E731
         wait_until(lambda: done() == args.runs, args.lead + 600, "every timer to fire")
         late = [(r.step_results[START]["woke_at"] - r.step_results[START]["slept_until"]) * 1000

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery
@@ -71,6 +72,21 @@ class Client:
     @unavailable_as_store_error
     def workflow(self, name: str) -> CatalogEntry:
         return self._entry(self._view(), name)
+
+    @unavailable_as_store_error
+    def in_flight(self, workflow: str) -> dict[str, int]:
+        """Runs of `workflow` not finished yet, per version: when a version has none left,
+        its workers can go."""
+        store = self.runtime.store_for(self.workflow(workflow).key_prefix)
+        return dict(Counter(r.version for r in store.active_runs(workflow)))
+
+    @unavailable_as_store_error
+    def unhosted(self, records: list[RunRecord]) -> dict[str, str]:
+        """Run id -> "no worker hosts W@V", for active runs whose version no live worker
+        executes: they wait (their steps stay queued) until one appears."""
+        view = self._view()
+        return {r.run_id: f"no worker hosts {r.workflow}@{r.version}" for r in records
+                if not r.status.is_terminal and not view.hosts_of(r.workflow, r.version)}
 
     def _view(self) -> ClusterView:
         return ClusterView.read(self.redis, self.settings.key_prefix)

@@ -73,7 +73,9 @@ class Committer:
             if current.record is None:
                 raise RunNotFound(f"no run {run_id!r} in {store.key_prefix!r}")
             event = make_event(current.record, current.now)
-            spec = spec or self.registry.spec(current.record.workflow)
+            # Only the definition the run is pinned to decides for it (a join, a route).
+            spec = spec or self.registry.spec_for(current.record.workflow,
+                                                  current.record.version)
             decision = engine.apply(current.record, event, spec)
             if not decision.changed:
                 if release is not None:  # a worker's late or duplicate result: keep a trace

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,6 +44,17 @@ __all__ = [
 
 START = "__start__"
 END = "__end__"
+
+VERSION_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """How runs of an older version move to this one (see `Workflow.upgrades`)."""
+
+    steps: Mapping[str, str]
+    state: Callable[[dict[str, Any]], Any] | None = None
+
 
 class DefinitionError(ValueError):
     """A workflow definition is malformed; raised when it is built, never at run time."""
@@ -444,10 +456,16 @@ class Workflow:
     persistence_options: Persistence = Persistence()
     agent_factories: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     event_models: Mapping[str, type[BaseModel] | None] = field(default_factory=dict)
+    version: str | None = None
+    """A label for this definition (`"2"`); None: the content hash names it."""
+    upgrade_rules: Mapping[str, Upgrade] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise DefinitionError(f"workflow name must be an identifier, got {self.name!r}")
+        if self.version is not None and not VERSION_LABEL.fullmatch(str(self.version)):
+            raise DefinitionError(f"{self.name}: version label must be 1-40 letters, digits, "
+                                  f"'.', '_' or '-', got {self.version!r}")
 
     def input(self, model: type[BaseModel]) -> Workflow:
         return dataclasses.replace(self, input_model=_model(model, "input"))
@@ -513,6 +531,15 @@ class Workflow:
                 _model(model, f"events({name}=...)")
         return dataclasses.replace(self, event_models={**self.event_models, **declared})
 
+    def upgrades(self, from_version: str, steps: Mapping[str, str] | None = None,
+                 state: Callable[[dict[str, Any]], Any] | None = None) -> Workflow:
+        """How runs of `from_version` move to this definition: `steps` renames the steps
+        they may be at (old -> new), `state` converts their state (a dict in, a dict or
+        this workflow's state model out). `orchestrator runs upgrade` applies it."""
+        rule = Upgrade(dict(steps or {}), state)
+        return dataclasses.replace(self, upgrade_rules={**self.upgrade_rules,
+                                                        from_version: rule})
+
     # ---- derived views ---------------------------------------------------------------
 
     @property
@@ -534,9 +561,14 @@ class Workflow:
     def queues(self) -> dict[str, str]:
         return {name: self.step_def(name).options.policy.queue for name in self.step_names()}
 
+    @property
+    def version_id(self) -> str:
+        """The version runs of this definition are pinned to: its label, or its hash."""
+        return self.version if self.version is not None else self.content_hash
+
     @functools.cached_property
-    def version(self) -> str:
-        """A content hash of the definition's shape: changes when steps or schemas change."""
+    def content_hash(self) -> str:
+        """A hash of the definition's shape: changes when steps or schemas change."""
         shape = {
             "steps": {n: _fn_source_id(self.step_def(n).fn) for n in self.step_names()},
             "input": self.input_model.model_json_schema(),

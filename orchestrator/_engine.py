@@ -234,6 +234,19 @@ class ParentNotified:
 
 
 @dataclass(frozen=True)
+class Upgrade:
+    """Move the run to the definition `spec` (another version of its workflow): the steps
+    it may be at renamed by `steps` (old -> new), its state replaced by `state` (already
+    converted and validated). `running`: lease ids of its tasks a worker holds now."""
+
+    now: float
+    spec: FlowSpec
+    steps: dict[str, str] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    running: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Join:
     token: int
     now: float
@@ -256,7 +269,7 @@ class Tick:
 
 
 Event = (StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
-         | Deliver | ChildEnded | ParentNotified)
+         | Deliver | ChildEnded | ParentNotified | Upgrade)
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -267,6 +280,7 @@ class SendTask:
     run_id: str
     workflow: str
     task: Task
+    version: str = ""  # the run's: only a worker hosting it may run the task
 
 
 @dataclass(frozen=True)
@@ -279,6 +293,7 @@ class SendFork:
     token: int
     tasks: tuple[Task, ...]
     then: Task
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -733,6 +748,80 @@ def _on_parent_notified(rec: RunRecord, ev: ParentNotified, spec: FlowSpec | Non
     return Decision(rec)
 
 
+def positions(rec: RunRecord) -> list[str]:
+    """Every step an active run may run next: where it is, or where its waits lead."""
+    steps: list[str | None] = [rec.task.step if rec.task is not None else None]
+    if rec.gate is not None:
+        steps += [rec.gate.then, rec.gate.on_reject, rec.gate.on_timeout]
+    if rec.timer is not None:
+        steps.append(rec.timer.then)
+    for w in rec.events:
+        steps += [w.then, w.on_timeout]
+    if rec.child is not None:
+        steps += [rec.child.then, rec.child.on_failure]
+    return list(dict.fromkeys(s for s in steps if s is not None))
+
+
+def _on_upgrade(rec: RunRecord, ev: Upgrade, spec: FlowSpec | None) -> Decision:
+    _require_active(rec, "upgrade")
+    if rec.version == ev.spec.version:
+        return _ignore(f"already on version {rec.version}")
+    if rec.fork is not None:
+        raise ControlError(f"run {rec.run_id} is in the fork at {rec.fork.step!r}; upgrade "
+                           f"it once the branches have joined")
+    task = rec.task
+    if task is not None and task.dispatched_at is not None and task.lease_id in ev.running:
+        raise ControlError(f"run {rec.run_id} is running step {task.step!r}; upgrade it once "
+                           f"the step has finished")
+    new = {old: ev.steps.get(old, old) for old in positions(rec)}
+    missing = sorted(f"{old}->{n}" if n != old else old for old, n in new.items()
+                     if n not in ev.spec.steps or n == START)
+    if missing:
+        raise ControlError(f"run {rec.run_id} may go on at {missing}, which version "
+                           f"{ev.spec.version} has no step for; map them (--map OLD=NEW)")
+
+    def moved(step: str) -> str:
+        return ev.steps.get(step, step)
+
+    def policies(names: list[str | None]) -> dict[str, StepPolicy]:
+        return {moved(n): ev.spec.steps[moved(n)].policy for n in names if n is not None}
+
+    d = Decision(rec)
+    was = rec.version
+    if task is not None:
+        task.step = moved(task.step)
+        task.policy = ev.spec.steps[task.step].policy
+        if task.dispatched_at is not None:  # queued for the old version: send it anew
+            task.attempt += 1
+            task.dispatched_at = None
+    if rec.gate is not None:
+        g = rec.gate
+        g.then, g.policies = moved(g.then), policies([g.then, g.on_reject, g.on_timeout])
+        g.on_reject = moved(g.on_reject) if g.on_reject else None
+        g.on_timeout = moved(g.on_timeout) if g.on_timeout else None
+    if rec.timer is not None:
+        rec.timer.then = moved(rec.timer.then)
+        rec.timer.then_policy = ev.spec.steps[rec.timer.then].policy
+    for w in rec.events:
+        w.policies = policies([w.then, w.on_timeout])
+        w.then = moved(w.then)
+        w.on_timeout = moved(w.on_timeout) if w.on_timeout else None
+    if rec.child is not None:
+        c = rec.child
+        c.policies = policies([c.then, c.on_failure])
+        c.then = moved(c.then) if c.then else None
+        c.on_failure = moved(c.on_failure) if c.on_failure else None
+    rec.step_results = {moved(k): v for k, v in rec.step_results.items()}
+    rec.event_steps = {moved(k): v for k, v in rec.event_steps.items()}
+    rec.current_step = moved(rec.current_step) if rec.current_step else None
+    rec.state, rec.version = dict(ev.state), ev.spec.version
+    _log(d, ev.now, "upgraded", **{"from": was, "to": ev.spec.version},
+         steps={k: v for k, v in ev.steps.items() if k in new} or None)
+    if task is not None and task.dispatched_at is None:
+        _dispatch_if_due(d, task, ev.now)
+    return d
+
+
 def _on_join(rec: RunRecord, ev: Join, spec: FlowSpec | None) -> Decision:
     if rec.status.is_terminal or rec.fork is None or rec.fork.token != ev.token:
         return _ignore(f"no fork waiting at token {ev.token}")
@@ -780,7 +869,7 @@ _HANDLERS: dict[type, Any] = {
     StepDone: _on_step_done, StepFailed: _on_step_failed, Checkpoint: _on_checkpoint,
     Pause: _on_pause, Resume: _on_resume, Stop: _on_stop, Decide: _on_decide, Join: _on_join,
     Tick: _on_tick, Deliver: _on_deliver, ChildEnded: _on_child_ended,
-    ParentNotified: _on_parent_notified,
+    ParentNotified: _on_parent_notified, Upgrade: _on_upgrade,
 }
 
 
@@ -841,7 +930,7 @@ def _dispatch_if_due(d: Decision, task: Task, now: float) -> None:
     if rec.paused or task.due_at > now:
         return
     task.dispatched_at = now
-    d.commands.append(SendTask(rec.run_id, rec.workflow, task.model_copy()))
+    d.commands.append(SendTask(rec.run_id, rec.workflow, task.model_copy(), rec.version))
 
 
 def _park(d: Decision, spec: FlowSpec, step: str, arms: dict[str | None, Arm],
@@ -1087,7 +1176,7 @@ def _send_fork(d: Decision, now: float) -> None:
     then = Task(step=fork.then, token=fork.then_token, policy=fork.then_policy, due_at=now,
                 dispatched_at=now)
     d.commands.append(SendFork(rec.run_id, rec.workflow, fork.token,
-                               tuple(t.model_copy() for t in pending), then))
+                               tuple(t.model_copy() for t in pending), then, rec.version))
 
 
 def _join(

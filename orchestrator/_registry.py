@@ -21,7 +21,7 @@ class Registry:
         if known is wf:  # every start registers: keep that free
             return
         wf.check_complete()
-        if known is not None and known.version != wf.version:
+        if known is not None and known.content_hash != wf.content_hash:
             raise ValueError(f"two different workflows are named {wf.name!r}")
         self.workflows[wf.name] = wf
         self._specs[wf.name] = spec_of(wf)
@@ -36,6 +36,11 @@ class Registry:
     def spec(self, name: str) -> FlowSpec | None:
         return self._specs.get(name)
 
+    def spec_for(self, name: str, version: str) -> FlowSpec | None:
+        """The hosted definition of `name` if it is `version` (runs are pinned to theirs)."""
+        spec = self._specs.get(name)
+        return spec if spec is not None and spec.version == version else None
+
     def key_prefixes(self) -> list[str]:
         return sorted({wf.persistence_options.key_prefix for wf in self.workflows.values()})
 
@@ -45,4 +50,4 @@ def spec_of(wf: Workflow) -> FlowSpec:
     for name in wf.step_names():
         sd = wf.step_def(name)
         steps[name] = StepSpec(sd.options.policy, getattr(sd.fn, "__orchestrator_route__", None))
-    return FlowSpec(wf.name, wf.version, steps, reducers_of(wf.state_model))
+    return FlowSpec(wf.name, wf.version_id, steps, reducers_of(wf.state_model))

@@ -30,6 +30,7 @@ from ._steward import CatalogEntry, ClusterView
 from ._stores import Loaded, RedisStore, RunStore
 from ._stores.redis import connect
 from ._sweeper import Sweeper
+from ._upgrades import Moved, upgrade_runs
 from ._worker import Outcome, WorkerExecution
 
 # Seconds a runtime reuses what it read of the catalog (for workflows it does not host).
@@ -149,6 +150,16 @@ class Runtime:
             return "duplicate"
         return ("delivered" if any(h["event"] == "event_received" for h in d.history)
                 else "queued")
+
+    def upgrade(self, workflow: str, from_version: str, steps: dict[str, str] | None = None,
+                dry_run: bool = False) -> list[Moved]:
+        """Move runs of `workflow` on a version starting with `from_version` to the version
+        hosted here (see `_upgrades`)."""
+        wf = self.workflow(workflow)
+        spec = self.registry.spec(workflow)
+        assert spec is not None
+        return upgrade_runs(self.committer, self.store_for(wf.persistence_options.key_prefix),
+                            wf, spec, from_version, steps, dry_run)
 
     # ---- the catalog, for workflows this process does not host --------------------------
 

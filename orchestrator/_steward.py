@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from . import _graph
 from ._config import COORDINATOR_QUEUE, Settings
 from ._definition import Workflow
+from ._dispatch.base import broker_queues
 from ._records import FlowSpec, StepPolicy, StepSpec
 from ._registry import spec_of
 from ._stores.redis import connect
@@ -66,7 +67,9 @@ class CatalogEntry(BaseModel):
     imperative: bool
     initial_state: dict[str, Any]
     events: dict[str, dict[str, Any] | None] = {}  # event name -> payload schema (None: any)
+    content_hash: str = ""  # the definition's hash, whatever its version label
     hosts: list[str] = []
+    versions: dict[str, list[str]] = {}  # every version live hosts serve -> those hosts
     published_at: float = 0.0
 
     def spec(self) -> FlowSpec:
@@ -87,7 +90,7 @@ class Steward:
     def register(self, wf: Workflow) -> Workflow:
         wf.check_complete()
         known = self._workflows.get(wf.name)
-        if known is not None and known.version != wf.version:
+        if known is not None and known.content_hash != wf.content_hash:
             raise ValueError(f"the Steward already has a different workflow named {wf.name!r}")
         self._workflows[wf.name] = wf
         return wf
@@ -109,7 +112,8 @@ class Steward:
 def entry_of(wf: Workflow) -> CatalogEntry:
     spec = spec_of(wf)
     return CatalogEntry(
-        name=wf.name, description=wf.description, version=wf.version,
+        name=wf.name, description=wf.description, version=wf.version_id,
+        content_hash=wf.content_hash,
         key_prefix=wf.persistence_options.key_prefix,
         input_schema=wf.input_model.model_json_schema(),
         state_schema=wf.state_model.model_json_schema(),
@@ -123,13 +127,31 @@ def entry_of(wf: Workflow) -> CatalogEntry:
     )
 
 
-# Renew one host's lease, drop the expired ones, and (re)write catalog entries: always
-# those this host executes on its first announcement (a new deploy takes over), otherwise
-# only an entry that is missing (Redis lost its data) or whose version no live host runs
-# any more (its hosts were replaced by ones running another version).
+# Renew one host's lease, drop the expired ones, and (re)write catalog entries, which say
+# the version new runs start on: the newest served. A version is as new as it was first
+# published (`first_seen`), so bringing back an old version's workers for its runs in
+# flight does not send new runs there. An entry is written when it is missing (Redis lost
+# its data), when its version no live host runs any more, and on a host's first
+# announcement of its own version or of one first seen after the entry's.
 _ANNOUNCE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+-- One label, one definition: a first announcement of other code under a version label
+-- that another live host serves is refused before anything is written.
+for i = 4, #ARGV, 4 do
+  if ARGV[i + 2] == '1' then
+    local name, version = ARGV[i], ARGV[i + 1]
+    local known = redis.call('HGET', KEYS[4], name .. '@' .. version)
+    if known and cjson.decode(known).content_hash ~= cjson.decode(ARGV[i + 3]).content_hash then
+      for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
+        local info = redis.call('HGET', KEYS[3], h)
+        if h ~= ARGV[1] and info and cjson.decode(info).serves[name] == version then
+          return {'conflict', name, version, h}
+        end
+      end
+    end
+  end
+end
 for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   redis.call('ZREM', KEYS[2], h)
   redis.call('HDEL', KEYS[3], h)
@@ -143,18 +165,35 @@ local function runs(name, version)
   end
   return false
 end
+local function seen(name, version)
+  return tonumber(redis.call('HGET', KEYS[5], name .. '@' .. version) or '0')
+end
 for i = 4, #ARGV, 4 do
   local name, version, force, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  redis.call('HSETNX', KEYS[5], name .. '@' .. version, tostring(now))
   local current = redis.call('HGET', KEYS[1], name)
-  local write = current == false or force == '1'
+  local write = current == false
   if not write then
     local was = cjson.decode(current).version
-    write = was ~= version and not runs(name, was)
+    if was == version then
+      write = force == '1'
+    else
+      write = not runs(name, was) or (force == '1' and seen(name, version) > seen(name, was))
+    end
   end
   if write then redis.call('HSET', KEYS[1], name, entry) end
+  if force == '1' then
+    redis.call('HSET', KEYS[4], name .. '@' .. version, entry)
+  else
+    redis.call('HSETNX', KEYS[4], name .. '@' .. version, entry)
+  end
 end
 return tostring(now)
 """
+
+
+class VersionConflict(RuntimeError):
+    """Other code is already published, and served, under this version label."""
 
 
 @dataclasses.dataclass
@@ -181,8 +220,8 @@ class Announcement:
             # publishes before its worker starts announces the same host the worker renews.
             host=host_format(default_nodename(host or socket.gethostname())),
             entries=[entry_of(wf) for wf in workflows],
-            serves={wf.name: wf.version for wf in workflows
-                    if queues is None or queues & set(wf.queues().values())},
+            serves={wf.name: wf.version_id for wf in workflows
+                    if queues is None or queues & broker_queues(wf)},
             settings={k: float(getattr(settings, k)) for k in CLUSTER_SETTINGS},
             coordinator=queues is not None and COORDINATOR_QUEUE in queues,
             key_prefix=settings.key_prefix,
@@ -196,7 +235,13 @@ class Announcement:
         for e in self.entries:
             force = first and e.name in self.serves
             argv += [e.name, e.version, "1" if force else "0", e.model_dump_json()]
-        client.eval(_ANNOUNCE, 3, key, f"{key}:live", f"{key}:hosts", *argv)
+        answer = client.eval(_ANNOUNCE, 5, key, f"{key}:live", f"{key}:hosts",
+                             f"{key}:versions", f"{key}:first_seen", *argv)
+        if isinstance(answer, list):
+            name, version, host = (_text(a) for a in answer[1:])
+            raise VersionConflict(
+                f"{name}@{version} is served by {host} with other code: two definitions "
+                f"may not share a version label; give this one a new version=")
 
     def withdraw(self, client: redis.Redis) -> None:
         """Leave at once (a clean shutdown), instead of when the lease runs out."""
@@ -243,8 +288,19 @@ class ClusterView:
             entry = CatalogEntry.model_validate_json(doc)
             entry.hosts = sorted(h for h, info in live.items()
                                  if info["serves"].get(entry.name) == entry.version)
+            served: dict[str, list[str]] = {}
+            for h, info in sorted(live.items()):
+                if entry.name in info["serves"]:
+                    served.setdefault(info["serves"][entry.name], []).append(h)
+            entry.versions = served
             entries[_text(name)] = entry
         return cls(entries, live)
+
+    def hosts_of(self, workflow: str, version: str) -> list[str]:
+        """The live hosts that execute `version` of `workflow`."""
+        return sorted(h for h, info in self.live.items()
+                      if info["serves"].get(workflow) == version)
+
 
     def cluster_settings(self) -> dict[str, float] | None:
         """See `read_cluster_settings`."""
@@ -296,6 +352,9 @@ class CatalogHeartbeat(bootsteps.StartStopStep):
         def beat(first: bool) -> None:
             try:
                 announcement.send(client, ttl, first)
+            except VersionConflict as exc:  # Celery logs it and stops; the CLI exits 2
+                worker.app.refused = exc
+                raise
             except redis.RedisError as exc:  # Redis down: the next beat tries again
                 log.warning("catalog heartbeat failed: %s", exc)
 

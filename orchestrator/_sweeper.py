@@ -35,14 +35,18 @@ class QueueView:
             self._lengths[queue] = self._dispatcher.queue_length(queue)
         return self._lengths[queue] > 0
 
-    def waiting(self, run_id: str, task: Task) -> bool | None:
+    def waiting(self, rec: RunRecord, task: Task) -> bool | None:
         """Whether a message of `task` still waits in its queue (or a worker took it so
         recently that it has not taken the lease yet); None where the transport cannot tell."""
-        if task.queue not in self._messages:
-            self._messages[task.queue] = self._dispatcher.message_ids(
-                task.queue, self._starting_within)
-        ids = self._messages[task.queue]
-        return None if ids is None else self._dispatcher.message_id(run_id, task) in ids
+        queue = self.queue_of(rec, task)
+        if queue not in self._messages:
+            self._messages[queue] = self._dispatcher.message_ids(queue, self._starting_within)
+        ids = self._messages[queue]
+        return None if ids is None else self._dispatcher.message_id(rec.run_id, task) in ids
+
+    def queue_of(self, rec: RunRecord, task: Task) -> str:
+        """The broker queue of the run's version that `task` goes to."""
+        return self._dispatcher.queue_of(rec.workflow, rec.version, task)
 
 
 class Sweeper:
@@ -106,15 +110,23 @@ class Sweeper:
             live = store.live_leases(run_id, [t.lease_id for t in tasks])
             overdue = [t for t in tasks if t.lease_id not in live and t.dispatched_at is not None
                        and now - t.dispatched_at >= s.redispatch_after]
-            waiting = {t.lease_id: queues.waiting(run_id, t) for t in overdue}
+            waiting = {t.lease_id: queues.waiting(rec, t) for t in overdue}
             queued = frozenset(lease for lease, found in waiting.items() if found)
-            unknown = {t.queue for t in overdue if waiting[t.lease_id] is None}
-            busy = frozenset(q for q in unknown if queues.busy(q))
+            busy = frozenset(t.queue for t in overdue if waiting[t.lease_id] is None
+                             and queues.busy(queues.queue_of(rec, t)))
             return engine.Tick(now, live, busy, s.redispatch_after, s.join_after,
                                float(s.visibility_timeout), results, queued,
                                self._children_seen(rec))
 
-        d = self.committer.apply(store, run_id, tick, loaded=loaded)
+        try:
+            d = self.committer.apply(store, run_id, tick, loaded=loaded)
+        except engine.ControlError as exc:
+            # What is due needs the definition of a version not hosted here (a lost join
+            # to re-drive): a coordinator that hosts it will.
+            log.debug("run %s: %s; left to a host of version %s", run_id, exc,
+                      loaded.record.version)
+            store.set_due(run_id, self.committer.due(loaded.record), loaded.version)
+            return 0
         if not d.changed:  # a commit since the load set the timer that counts
             store.set_due(run_id, self.committer.due(loaded.record), loaded.version)
         return int(d.changed)

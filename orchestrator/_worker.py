@@ -56,6 +56,12 @@ class WorkerExecution:
             return Outcome("skipped")
         task = rec.task if branch is None else rec.fork.branches[branch].task  # type: ignore[union-attr]
         assert task is not None
+        if rec.version != wf.version_id:
+            # Sent before the run was upgraded to another version: the upgrade sent the
+            # task again, to that version's queue.
+            log.warning("run %s: it is on version %s, this worker runs %s; skipped",
+                        run_id, rec.version, wf.version_id)
+            return Outcome("skipped")
         if attempt < task.attempt:
             # A message of an attempt the run has moved past (the sweep re-sent the task,
             # or the broker gave an old copy back): the current attempt's message runs it.

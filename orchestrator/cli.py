@@ -38,9 +38,10 @@ from ._celery import Sweeper, create_app
 from ._cli_schedules import schedules_group
 from ._client import Client
 from ._committer import MAX_INPUT_DEPTH, nesting_depth
-from ._config import COORDINATOR_QUEUE, DEFAULT_QUEUE, Settings
+from ._config import COORDINATOR_QUEUE, Settings
 from ._definition import DefinitionError, Workflow
 from ._dev import dev
+from ._dispatch.base import broker_queues
 from ._engine import ControlError
 from ._middleware import Middleware
 from ._records import Gate, RunRecord, RunStatus
@@ -449,13 +450,15 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
     """Run a worker: executes the steps of the hosted workflows (a `celery worker`)."""
     app = _serving_app(settings, metrics_port, metrics_address, cluster=False)
     runtime = app.runtime
-    step_queues = sorted({q for wf in runtime.workflows.values() for q in wf.queues().values()}
-                         | {DEFAULT_QUEUE})
-    argv = ["worker", "-Q", queues or ",".join(step_queues), "-P", pool, "-l", loglevel,
-            "-n", hostname]
+    base = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    # Each hosted version's own queues: a worker never takes a step of a version it lacks.
+    consume = sorted(q for wf in runtime.workflows.values() for q in broker_queues(wf, base))
+    if not consume:
+        raise BadInput("no workflow to host: set ORCHESTRATOR_WORKFLOWS (or --workflows)")
+    argv = ["worker", "-Q", ",".join(consume), "-P", pool, "-l", loglevel, "-n", hostname]
     if concurrency:
         argv += ["-c", str(concurrency)]
-    app.worker_main([*argv, *celery_args])
+    _celery_worker(app, [*argv, *celery_args])
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -472,8 +475,17 @@ def coordinator(settings: Settings, concurrency: int, loglevel: str, hostname: s
     """Run a coordinator: fires timers, recovers lost work (lost steps, lost chord bodies)."""
     app = _serving_app(settings, metrics_port, metrics_address, cluster=True)
     app.steps["worker"].add(Sweeper)
-    app.worker_main(["worker", "-Q", COORDINATOR_QUEUE, "-P", "threads", "-c", str(concurrency),
-                     "-l", loglevel, "-n", hostname, *celery_args])
+    _celery_worker(app, ["worker", "-Q", COORDINATOR_QUEUE, "-P", "threads", "-c",
+                         str(concurrency), "-l", loglevel, "-n", hostname, *celery_args])
+
+
+def _celery_worker(app: Any, argv: list[str]) -> None:
+    """`celery worker`, exiting with its code: a worker that could not start (a version
+    label another host serves with other code) must not look like a clean stop."""
+    app.start(argv=argv)
+    refused = getattr(app, "refused", None)
+    if refused is not None:
+        _fail(str(refused), EXIT_USAGE)
 
 
 def flower_argv(port: int, address: str, flower_args: Sequence[str]) -> list[str]:
@@ -515,37 +527,94 @@ def recover(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 @_guard
 def workflows(settings: Settings, as_json: bool) -> None:
-    """The catalog: workflows the workers serve."""
-    entries = _client(settings).workflows()
+    """The catalog: workflows, each version the workers serve (new runs start on the
+    newest), and the runs in flight on each version."""
+    client = _client(settings)
+    entries = client.workflows()
+    in_flight = {e.name: client.in_flight(e.name) for e in entries}
     if as_json:
-        _emit([e.model_dump(mode="json") for e in entries])
+        _emit([{**e.model_dump(mode="json"), "in_flight": in_flight[e.name]} for e in entries])
         return
-    rows = [[e.name, e.version, str(len(e.graph)), ", ".join(sorted(set(e.queues.values()))),
-             ", ".join(e.hosts), e.description] for e in entries]
-    out.print(_table(["workflow", "version", "steps", "queues", "hosts", "description"], rows,
-                     whole=["workflow"]))
+    rows = []
+    for e in entries:
+        versions = sorted({*e.versions, *in_flight[e.name], e.version},
+                          key=lambda v: (v != e.version, v))
+        for v in versions:
+            rows.append([e.name, v + (" (new runs)" if v == e.version else ""),
+                         str(in_flight[e.name].get(v, 0)), ", ".join(e.versions.get(v, [])),
+                         ", ".join(sorted(set(e.queues.values()))), e.description])
+    out.print(_table(["workflow", "version", "in flight", "hosts", "queues", "description"],
+                     rows, whole=["workflow"]))
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--status", "status_filter", type=click.Choice([s.value for s in RunStatus]))
 @click.option("--workflow", default=None)
 @click.option("--limit", type=int, default=50)
 @click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs(ctx: click.Context, status_filter: str | None, workflow: str | None, limit: int,
+         as_json: bool) -> None:
+    """List runs, newest first; `runs upgrade` moves runs to another version."""
+    if ctx.invoked_subcommand is None:
+        _call(_list_runs, (ctx.obj, status_filter, workflow, limit, as_json), {})
+
+
+@runs.command("upgrade")
+@click.option("--workflow", required=True)
+@click.option("--from", "from_version", required=True, help="The version (or its start).")
+@click.option("--to", "to_version", default=None,
+              help="The version this process hosts (checked; default: whatever it hosts).")
+@click.option("--map", "maps", multiple=True, metavar="OLD=NEW", help="Rename a step.")
+@click.option("--dry-run", is_flag=True, help="Say what would move; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @_guard
-def runs(settings: Settings, status_filter: str | None, workflow: str | None, limit: int,
-         as_json: bool) -> None:
-    """List runs, newest first."""
+def upgrade(settings: Settings, workflow: str, from_version: str, to_version: str | None,
+            maps: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Move runs in flight of WORKFLOW from version --from to the version of the code in
+    ORCHESTRATOR_WORKFLOWS: waiting, paused or between steps; the others stay as they are
+    (exit 2, each with its reason)."""
+    runtime = _hosting_app(settings).runtime
+    wf = runtime.workflow(workflow)
+    if to_version is not None and not wf.version_id.startswith(to_version):
+        raise BadInput(f"this code is {workflow}@{wf.version_id}, not {to_version}")
+    steps = {}
+    for m in maps:
+        old, sep, new = m.partition("=")
+        if not sep or not old or not new:
+            raise BadInput(f"--map takes OLD=NEW, got {m!r}")
+        steps[old] = new
+    report = runtime.upgrade(workflow, from_version, steps, dry_run)
+    if as_json:
+        _emit([{"run_id": m.run_id, "from": m.version, "to": wf.version_id,
+                "moved": m.ok and not dry_run, "refused": m.refused} for m in report])
+    else:
+        verb = "would move" if dry_run else "moved"
+        for m in report:
+            out.print(f"{_t(m.run_id)}: " + (f"{verb} {_t(m.version)} -> {_t(wf.version_id)}"
+                      if m.ok else f"left on {_t(m.version)}: {_t(m.refused)}"))
+        out.print(f"{sum(m.ok for m in report)} of {len(report)} run(s) {verb}")
+    if any(not m.ok for m in report):
+        _fail("", EXIT_USAGE)
+
+
+def _list_runs(settings: Settings, status_filter: str | None, workflow: str | None,
+               limit: int, as_json: bool) -> None:
     client = _client(settings)
     records = client.runs(RunStatus(status_filter) if status_filter else None, workflow, limit)
     # Quarantined runs have no readable record, so no status: listed unless one is asked for.
     corrupt = [] if status_filter else sorted(
         run_id for store in _stores(client) for run_id in store.corrupt_runs())
     if as_json:
-        _emit([_summary(r) for r in records] + [{"run_id": run_id, "status": "corrupt"}
-                                                for run_id in corrupt])
+        gaps = client.unhosted(records)
+        _emit([_summary(r, gaps.get(r.run_id)) for r in records]
+              + [{"run_id": run_id, "status": "corrupt"} for run_id in corrupt])
         return
-    rows = [[r.run_id, r.workflow, r.status.value, _step_name(r.current_step),
+    gaps = client.unhosted(records)
+    rows = [[r.run_id, r.workflow, r.status.value + (f" ({gaps[r.run_id]})"
+                                                     if r.run_id in gaps else ""),
+             _step_name(r.current_step),
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))]
             for r in records] + [[run_id, "?", "corrupt", "", ""] for run_id in corrupt]
     out.print(_table(["run", "workflow", "status", "step", "created"], rows, whole=["run"]))
@@ -557,11 +626,11 @@ def _stores(client: Client) -> list[RunStore]:
             for prefix in sorted({e.key_prefix for e in client.workflows()})]
 
 
-def _summary(r: RunRecord) -> dict[str, Any]:
+def _summary(r: RunRecord, unhosted: str | None = None) -> dict[str, Any]:
     return {"run_id": r.run_id, "workflow": r.workflow, "version": r.version,
             "status": r.status.value, "current_step": r.current_step,
-            "waiting_for": r.waiting_for(), "created_at": r.created_at,
-            "updated_at": r.updated_at}
+            "waiting_for": r.waiting_for() + ([unhosted] if unhosted else []),
+            "created_at": r.created_at, "updated_at": r.updated_at}
 
 
 def _step_name(step: str | None) -> str:
@@ -572,10 +641,12 @@ def _shown_status(client: Client, rec: RunRecord) -> str:
     """`queued` for a running run whose step was sent but no worker holds yet (display
     only: to the engine the run is running)."""
     task = rec.task
+    gap = client.unhosted([rec]).get(rec.run_id)
     if rec.status is not RunStatus.RUNNING or task is None or task.dispatched_at is None:
-        return rec.status.value
+        return rec.status.value + (f" ({gap})" if gap else "")
     store = client.runtime.store_for(client.workflow(rec.workflow).key_prefix)
-    return "running" if store.live_leases(rec.run_id, [task.lease_id]) else "queued"
+    shown = "running" if store.live_leases(rec.run_id, [task.lease_id]) else "queued"
+    return shown + (f" ({gap})" if gap else "")
 
 
 @cli.command()

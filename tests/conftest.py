@@ -46,6 +46,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
+def queued(client: redis.Redis) -> int:
+    """Messages waiting in every step queue, whatever its workflow and version."""
+    return sum(int(client.llen(k)) for k in client.scan_iter("orchestrator.steps@*"))
+
+
+def step_queue(wf: Any, queue: str = "orchestrator.steps") -> str:
+    """The broker queue of `queue` for the version of `wf` (a worker hosting it reads it)."""
+    from orchestrator._dispatch.base import queue_for
+
+    return queue_for(queue, wf.name, wf.version_id)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

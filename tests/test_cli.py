@@ -346,7 +346,8 @@ def test_queue_anyway_enqueues_for_no_live_worker_and_status_says_queued(
     assert refused.returncode == 3 and "queue" in refused.stderr
     run_id = cli_json(redis_url, "run", "Branching", "--remote", "--queue-anyway", "--no-wait",
                       "--input", '{"value": 1}')["run_id"]
-    assert f"{run_id}: queued at Check" in cli(redis_url, "status", run_id).stdout
+    shown = cli(redis_url, "status", run_id).stdout
+    assert f"{run_id}: queued (no worker hosts Branching@" in shown and "at Check" in shown
 
 
 def test_a_corrupt_run_is_listed_and_its_fields_readable(

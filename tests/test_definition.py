@@ -117,8 +117,9 @@ def test_definitions_are_immutable_and_versioned() -> None:
     built = base.state(State).flow({START: ok})
     assert base.steps == {} and built is not base
     other = base.state(State).flow({START: lambda ctx: Next(END, output=1)})
-    assert built.version != other.version
-    assert built.version == base.state(State).flow({START: ok}).version
+    assert built.content_hash != other.content_hash
+    assert built.content_hash == base.state(State).flow({START: ok}).content_hash
+    assert built.version is None and built.version_id == built.content_hash
 
 
 def test_set_state_merges_validates_and_reads_its_own_writes() -> None:

@@ -19,7 +19,7 @@ from orchestrator._dispatch.base import step_task_name
 from orchestrator._engine import GoTo, StepDone
 from orchestrator._stores import RedisStore
 from tests import flows
-from tests.conftest import ROOT, TEST_ENV, Cluster, wait_for
+from tests.conftest import ROOT, TEST_ENV, Cluster, queued, step_queue, wait_for
 
 
 def _events(client: redis.Redis, run_id: str, what: str, step: str | None = None) -> list[Any]:
@@ -40,7 +40,7 @@ def _parent_pid(pid: int) -> int:
 
 
 def _queue_empty(client: redis.Redis) -> bool:
-    return client.llen("orchestrator.steps") == 0
+    return queued(client) == 0
 
 
 def test_pause_between_steps_holds_the_next_step(cluster: Cluster, rclient: redis.Redis) -> None:
@@ -77,7 +77,7 @@ def test_stop_starts_nothing_after_it(cluster: Cluster, rclient: redis.Redis) ->
     assert _history(handle, "stopped")[0]["reason"] == "operator said so"
     # A message for the stopped run delivered now is skipped without running.
     cluster.app.send_task(step_task_name("ThreeSteps", "B"), args=["s1", rec.seq],
-                          queue="orchestrator.steps")
+                          queue=step_queue(flows.three_steps))
     wait_for(lambda: _queue_empty(rclient), what="the stale message to be consumed")
     wait_for(lambda: "is no longer expected" in cluster.logs() or None, 20,
              what="the worker to skip the stale message")
@@ -91,7 +91,7 @@ def test_concurrent_duplicate_delivery_commits_once(cluster: Cluster,
     token = handle.record().task.token  # type: ignore[union-attr]
     # The same message again, as a broker redelivery would: the other worker runs it too.
     cluster.app.send_task(step_task_name("Counting", "Count"), args=["d1", token],
-                          queue="orchestrator.steps")
+                          queue=step_queue(flows.counting))
     wait_for(lambda: rclient.get("t:d1:count") == b"2", what="the duplicate to run")
     rclient.set("t:d1:release", 1)
     result = handle.result(timeout=60)

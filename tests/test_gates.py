@@ -13,7 +13,7 @@ import redis
 
 from orchestrator import ControlError, RunStatus, WorkflowRunner
 from tests import flows
-from tests.conftest import ROOT, TEST_ENV, Cluster, wait_for
+from tests.conftest import ROOT, TEST_ENV, Cluster, queued, wait_for
 from workers.deploy import build_and_deploy
 
 
@@ -52,7 +52,7 @@ def test_seed_approved_from_a_second_process(cluster: Cluster, redis_url: str,
     assert [r.run_id for r in runner.pending_gates("ops-lead")] == [handle.run_id]
     assert runner.pending_gates("intern") == []
     # Waiting is free: no message anywhere, no worker busy.
-    assert rclient.llen("orchestrator.steps") == 0
+    assert queued(rclient) == 0
     assert not any((cluster.app.control.inspect(timeout=1).active() or {}).values())
 
     _decide_in_other_process(redis_url, handle.run_id, "approve", "ops-lead", "ship it")
@@ -214,7 +214,7 @@ def test_approved_while_paused_continues_after_resume(cluster: Cluster,
     rec = handle.record()
     assert rec.status is RunStatus.PAUSED and rec.gate is None
     assert rec.task is not None and rec.task.step == "Release" and rec.task.dispatched_at is None
-    assert rclient.llen("orchestrator.steps") == 0
+    assert queued(rclient) == 0
     handle.resume()
     assert handle.result(timeout=60).output == "released"
 

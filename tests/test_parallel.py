@@ -12,7 +12,7 @@ import redis
 from orchestrator import RunStatus, WorkflowRunner
 from orchestrator._config import DEFAULT_QUEUE
 from tests import flows
-from tests.conftest import Cluster, Runner, wait_for
+from tests.conftest import Cluster, Runner, step_queue, wait_for
 
 
 def _history(handle: Any, event: str) -> list[dict[str, Any]]:
@@ -72,11 +72,12 @@ def test_lost_chord_body_is_redriven_by_the_sweep(cluster_factory: Callable[...,
     c.worker("w1", 2, "-Q", DEFAULT_QUEUE)  # nobody consumes Gather's queue yet
     handle = WorkflowRunner(flows.fan_out_far_gather, app=c.app).run({"width": 4},
                                                                      run_id="lj1")
-    wait_for(lambda: rclient.llen(flows.GATHER_QUEUE) == 1, 60,
+    gather = step_queue(flows.fan_out_far_gather, flows.GATHER_QUEUE)
+    wait_for(lambda: rclient.llen(gather) == 1, 60,
              what="the chord's body: Gather, told to join first")
     rec = handle.record()
     assert rec.fork is not None and rec.status is RunStatus.RUNNING
-    rclient.delete(flows.GATHER_QUEUE)  # the body is lost: nothing will join the fork
+    rclient.delete(gather)  # the body is lost: nothing will join the fork
     c.coordinator("coord")
     c.worker("w2", 1, "-Q", flows.GATHER_QUEUE)
     result = handle.result(timeout=60)

@@ -11,6 +11,7 @@ import pytest
 from kombu import Connection
 
 from orchestrator import RunStatus, WorkflowRunner
+from orchestrator._dispatch.base import broker_queues
 from tests.conftest import Cluster, wait_for
 from workers.deploy import build_and_deploy
 
@@ -31,12 +32,13 @@ def amqp_cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
         if os.environ.get("CI"):  # .ci/run starts RabbitMQ: there, its absence is a failure
             pytest.fail("RabbitMQ is not running on 127.0.0.1:5672")
         pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+    c = cluster_factory(ORCHESTRATOR_BROKER_URL=AMQP_URL)
+    queues = {q for wf in c.app.runtime.workflows.values() for q in broker_queues(wf)}
     with Connection(AMQP_URL) as conn:  # leftovers of an earlier run must not leak in
-        for queue in ("orchestrator.steps", "orchestrator.coordinator"):
+        for queue in [*sorted(queues), "orchestrator.coordinator"]:
             # A queue never declared has nothing to purge (and closes its channel).
             with contextlib.suppress(Exception):
                 conn.channel().queue_purge(queue)
-    c = cluster_factory(ORCHESTRATOR_BROKER_URL=AMQP_URL)
     c.coordinator("coord")
     c.worker("w1", 2)
     return c

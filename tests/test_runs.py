@@ -26,7 +26,7 @@ from orchestrator._dispatch.base import Dispatcher
 from orchestrator._runtime import Runtime
 from orchestrator._stores import RedisStore
 from tests import flows
-from tests.conftest import Cluster, Runner, wait_for
+from tests.conftest import Cluster, Runner, queued, wait_for
 from workers.deploy import build_and_deploy
 
 
@@ -155,7 +155,7 @@ def test_distributed_bad_input_sends_no_message(cluster: Cluster, redis_url: str
     client = redis.Redis.from_url(redis_url)
     with pytest.raises(ValidationError):
         runner.run({"repo": 42})
-    assert client.llen("orchestrator.steps") == 0
+    assert queued(client) == 0
 
 
 def test_start_given_as_a_name_costs_no_task(make_runner: Runner) -> None:

@@ -47,7 +47,7 @@ def test_steward_registers_publishes_and_is_found_in_a_module(rclient: redis.Red
     catalog = read_catalog(rclient)
     entry = catalog["BuildAndDeploy"]
     assert entry.hosts == ["w1@box", "w2@box"]
-    assert entry.version == build_and_deploy.version and entry.key_prefix == "deploy:"
+    assert entry.version == build_and_deploy.version_id and entry.key_prefix == "deploy:"
     assert entry.initial_state == {"commit": None, "artifact": None, "released": False}
     assert entry.spec().steps["Clone"].policy.queue == "orchestrator.steps"
     assert catalog["Loop"].graph["Tick"] == ["Tick", "__end__"]

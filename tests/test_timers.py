@@ -15,7 +15,7 @@ from orchestrator import _engine as engine
 from orchestrator._engine import Doze, StepDone, Stop, Tick
 from orchestrator._records import FlowSpec, RunRecord, StepPolicy, StepSpec
 from tests import flows
-from tests.conftest import Cluster, wait_for
+from tests.conftest import Cluster, queued, wait_for
 
 SPEC = FlowSpec("T", "v1", {START: StepSpec(StepPolicy()), "Next": StepSpec(StepPolicy())})
 
@@ -100,7 +100,7 @@ def test_a_sleep_survives_its_coordinator_being_killed_and_fires_once(
     c.worker("w1")
     handle = WorkflowRunner(flows.napping, app=c.app).run({"seconds": 3.0}, run_id="nap1")
     wait_for(lambda: handle.status() is RunStatus.WAITING, 60, what="the run to fall asleep")
-    assert rclient.llen("orchestrator.steps") == 0  # a sleeping run holds no message
+    assert queued(rclient) == 0  # a sleeping run holds no message
     first.kill()  # nobody fires the timer now; it lives in Redis
     timer = handle.record().timer
     assert timer is not None

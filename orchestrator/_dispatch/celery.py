@@ -39,8 +39,8 @@ class CeleryDispatcher(Dispatcher):
         with self.app.producer_or_acquire() as producer, _batch(producer):
             for cmd in commands:
                 if isinstance(cmd, SendTask):
-                    self._signature(cmd.workflow, cmd.run_id, cmd.task).apply_async(
-                        producer=producer)
+                    self._signature(cmd.workflow, cmd.version, cmd.run_id,
+                                    cmd.task).apply_async(producer=producer)
                 elif isinstance(cmd, SendFork):
                     self._send_chord(cmd, producer)
                 elif isinstance(cmd, Revoke):
@@ -53,9 +53,10 @@ class CeleryDispatcher(Dispatcher):
         On the Redis result backend the header goes out as `group.apply_async` sends it (the
         chord's size in the backend, then each task carrying the body), without building
         the canvas, which costs more than the messages themselves."""
-        body = self._signature(cmd.workflow, cmd.run_id, cmd.then).set(immutable=True)
+        body = self._signature(cmd.workflow, cmd.version, cmd.run_id, cmd.then).set(
+            immutable=True)
         body.kwargs["join"] = cmd.token
-        header = [self._signature(cmd.workflow, cmd.run_id, t) for t in cmd.tasks]
+        header = [self._signature(cmd.workflow, cmd.version, cmd.run_id, t) for t in cmd.tasks]
         if not isinstance(self.app.backend, RedisBackend):
             chord(header, body, app=self.app).apply_async(producer=producer)
             return
@@ -99,7 +100,7 @@ class CeleryDispatcher(Dispatcher):
         ids = (m.get("headers", {}).get("id") for m in waiting if isinstance(m, dict))
         return frozenset(i for i in ids if i)
 
-    def _signature(self, workflow: str, run_id: str, task: Task) -> Any:
+    def _signature(self, workflow: str, version: str, run_id: str, task: Task) -> Any:
         args: tuple[str, int] | tuple[str, int, str]
         if task.branch is None:
             name, args = step_task_name(workflow, task.step), (run_id, task.token)
@@ -114,7 +115,7 @@ class CeleryDispatcher(Dispatcher):
         # Our store keeps every result. Ignoring Celery's saves a SUBSCRIBE/UNSUBSCRIBE
         # per send and a SETEX + PUBLISH per task; a chord still counts its header,
         # since Celery's backend runs on_chord_part_return whether or not it stores.
-        return self.app.signature(name, args=args, queue=task.queue,
+        return self.app.signature(name, args=args, queue=self.queue_of(workflow, version, task),
                                   task_id=self.message_id(run_id, task), ignore_result=True,
                                   **options)
 

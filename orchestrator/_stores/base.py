@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,19 @@ class RunStore(abc.ABC):
                   limit: int = 50, cursor: str | None = None) -> RunPage:
         """Runs newest first, optionally of one status and/or workflow, `limit` at a time:
         pass the page's `next_cursor` for the next. Corrupt records are skipped."""
+
+    def active_runs(self, workflow: str | None = None) -> Iterator[RunRecord]:
+        """Every run not finished yet (pending, running, waiting, paused), page by page."""
+        for status in RunStatus:
+            if status.is_terminal:
+                continue
+            cursor = None
+            while True:
+                page = self.page_runs(status, workflow, 500, cursor)
+                yield from page.records
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
 
     @abc.abstractmethod
     def count_runs(self, workflow: str | None = None) -> dict[RunStatus, int]:
