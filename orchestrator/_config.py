@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._records import DEFAULT_QUEUE
@@ -37,6 +37,8 @@ class Settings:
     catalog_ttl: float = 30.0  # a host leaves the catalog this long after its last heartbeat
     log_format: str = "text"  # or "json": one JSON object a line
     task_events: bool = False  # send task events from the start, not only while Flower runs
+    # HMAC key of the runs' history chain (orchestrator/_audit.py); unset: no macs.
+    audit_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         positive = ("lease_ttl", "redispatch_after", "join_after", "sweep_interval",

@@ -174,7 +174,10 @@ class HumanApproval:
         if not approvers or not all(isinstance(a, str) and a for a in approvers):
             raise DefinitionError("HumanApproval needs at least one approver name")
         object.__setattr__(self, "approvers", approvers)
-        if not 1 <= self.min_approvals <= len(set(approvers)):
+        # A `group:<name>` approver admits any number of its members (quorum counts users).
+        most = (self.min_approvals if any(a.startswith("group:") for a in approvers)
+                else len(set(approvers)))
+        if not 1 <= self.min_approvals <= most:
             raise DefinitionError("min_approvals must be between 1 and the number of approvers")
         if self.timeout is not None and self.timeout <= 0:
             raise DefinitionError("gate timeout must be positive")

@@ -172,28 +172,43 @@ class Checkpoint:
     state_patch: dict[str, Any]
 
 
+# Controls and decisions carry who asked (`by`, when known) and where it came from
+# (`source`: "console", "api", "cli", "client"); both go to the run's history.
+
+
 @dataclass(frozen=True)
 class Pause:
     now: float
+    by: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
 class Resume:
     now: float
+    by: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
 class Stop:
     now: float
     reason: str | None = None
+    by: str | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
 class Decide:
+    """A decision by `by`, a member of `groups` (the caller looked them up: the engine is
+    pure). A gate's approver `group:<g>` admits any member of g; quorum counts users."""
+
     now: float
     approve: bool
     by: str
     comment: str | None = None
+    groups: frozenset[str] = frozenset()
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -618,7 +633,7 @@ def _on_pause(rec: RunRecord, ev: Pause, spec: FlowSpec | None) -> Decision:
         return _ignore("already paused")
     rec.paused = True
     d = Decision(rec)
-    _log(d, ev.now, "paused")
+    _log(d, ev.now, "paused", by=ev.by, source=ev.source)
     return d
 
 
@@ -628,7 +643,7 @@ def _on_resume(rec: RunRecord, ev: Resume, spec: FlowSpec | None) -> Decision:
         return _ignore("not paused")
     rec.paused = False
     d = Decision(rec)
-    _log(d, ev.now, "resumed")
+    _log(d, ev.now, "resumed", by=ev.by, source=ev.source)
     if rec.task is not None and rec.task.dispatched_at is None:
         _dispatch_if_due(d, rec.task, ev.now)
     if rec.fork is not None:
@@ -646,7 +661,7 @@ def _on_stop(rec: RunRecord, ev: Stop, spec: FlowSpec | None) -> Decision:
     rec.status, rec.task, rec.fork = RunStatus.STOPPED, None, None
     _withdraw(rec)
     rec.child = None
-    _log(d, ev.now, "stopped", reason=ev.reason)
+    _log(d, ev.now, "stopped", reason=ev.reason, by=ev.by, source=ev.source)
     return d
 
 
@@ -655,14 +670,15 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
     gate = rec.gate
     if gate is None:
         raise ControlError(f"run {rec.run_id} has no gate waiting for a decision")
-    if ev.by not in gate.approvers:
+    if not may_decide(gate.approvers, ev.by, ev.groups):
         raise PermissionError(
             f"{ev.by!r} may not decide the gate at {gate.step!r}; approvers: {gate.approvers}")
     d = Decision(rec)
     if not ev.approve:
         _withdraw(rec)
         _result(rec, gate.step, gate.arm, _decision_result(gate, "rejected", ev))
-        _log(d, ev.now, "gate_rejected", step=gate.step, by=ev.by, reason=ev.comment)
+        _log(d, ev.now, "gate_rejected", step=gate.step, by=ev.by, reason=ev.comment,
+             source=ev.source)
         if gate.on_reject is None:
             return _fail(d, ev.now, gate.step, "GateRejected",
                          f"rejected by {ev.by}: {ev.comment or 'no reason given'}")
@@ -672,12 +688,18 @@ def _on_decide(rec: RunRecord, ev: Decide, spec: FlowSpec | None) -> Decision:
         return _ignore(f"{ev.by} already approved")
     gate.approvals.append(Approval(by=ev.by, at=ev.now, comment=ev.comment))
     _log(d, ev.now, "gate_approved", step=gate.step, by=ev.by, comment=ev.comment,
-         approvals=len(gate.approvals), needed=gate.min_approvals)
+         approvals=len(gate.approvals), needed=gate.min_approvals, source=ev.source)
     if len(gate.approvals) >= gate.min_approvals:
         _withdraw(rec)
         _result(rec, gate.step, gate.arm, _decision_result(gate, "approved", ev))
         _schedule_step(d, gate.then, gate.policies[gate.then], ev.now)
     return d
+
+
+def may_decide(approvers: list[str] | tuple[str, ...], by: str,
+               groups: frozenset[str] | set[str] = frozenset()) -> bool:
+    """`by` is a listed approver, or a member of a listed `group:<name>`."""
+    return by in approvers or any(f"group:{g}" in approvers for g in groups)
 
 
 def _on_deliver(rec: RunRecord, ev: Deliver, spec: FlowSpec | None) -> Decision:

@@ -32,7 +32,8 @@ def embedded_runtime(settings: Settings | None = None,
                   if wf.persistence_options.key_prefix == prefix]
         if any(wf.persistence_options.store == "redis" for wf in hosted):
             return RedisStore(settings.redis_url, prefix, settings.retain_seconds,
-                              history_limit=settings.history_limit)
+                              history_limit=settings.history_limit,
+                              audit_key=settings.audit_key)
         return memory.setdefault(prefix, MemoryStore(prefix, settings.retain_seconds,
                                                      settings.history_limit))
 
@@ -177,16 +178,21 @@ class RunHandle:
 
     # ---- control ----------------------------------------------------------------------
 
-    def pause(self) -> None:
+    # `by` and `source` go to the run's history: who asked, and through what ("cli",
+    # "client", "api", "console"). `by` here is what the caller says: code that holds
+    # Redis credentials is trusted to name itself.
+
+    def pause(self, *, by: str | None = None, source: str = "client") -> None:
         """Let the step in flight finish; start nothing new until resume()."""
-        self._apply(lambda r, now: engine.Pause(now))
+        self._apply(lambda r, now: engine.Pause(now, by, source))
 
-    def resume(self) -> None:
-        self._apply(lambda r, now: engine.Resume(now))
+    def resume(self, *, by: str | None = None, source: str = "client") -> None:
+        self._apply(lambda r, now: engine.Resume(now, by, source))
 
-    def stop(self, reason: str | None = None) -> None:
+    def stop(self, reason: str | None = None, *, by: str | None = None,
+             source: str = "client") -> None:
         """Revoke what is in flight; no step starts after this returns."""
-        self._apply(lambda r, now: engine.Stop(now, reason))
+        self._apply(lambda r, now: engine.Stop(now, reason, by, source))
 
     def send(self, name: str, payload: Any = None, *, key: str | None = None) -> str:
         """Send event `name` to the run. Returns "delivered" (its wait took it), "queued"
@@ -195,11 +201,17 @@ class RunHandle:
         model first: InvalidEvent, and nothing is stored, if it does not fit."""
         return self._runtime.send(self._store, self.run_id, name, payload, key)
 
-    def approve(self, by: str, comment: str | None = None) -> None:
-        self._apply(lambda r, now: engine.Decide(now, True, by, comment))
+    def approve(self, by: str, comment: str | None = None, *,
+                groups: Iterable[str] = (), source: str = "client") -> None:
+        """Decide the gate as `by`, a member of `groups` (for `group:<g>` approvers);
+        PermissionError if neither is listed."""
+        member = frozenset(groups)
+        self._apply(lambda r, now: engine.Decide(now, True, by, comment, member, source))
 
-    def reject(self, by: str, reason: str | None = None) -> None:
-        self._apply(lambda r, now: engine.Decide(now, False, by, reason))
+    def reject(self, by: str, reason: str | None = None, *,
+               groups: Iterable[str] = (), source: str = "client") -> None:
+        member = frozenset(groups)
+        self._apply(lambda r, now: engine.Decide(now, False, by, reason, member, source))
 
     def _apply(self, make: Any) -> None:
         self._runtime.apply(self._store, self.run_id, make)

@@ -101,7 +101,8 @@ class Runtime:
 
     def _redis_store(self, prefix: str) -> RunStore:
         s = self.settings
-        return RedisStore(s.redis_url, prefix, s.retain_seconds, history_limit=s.history_limit)
+        return RedisStore(s.redis_url, prefix, s.retain_seconds, history_limit=s.history_limit,
+                          audit_key=s.audit_key)
 
     # ---- runs ------------------------------------------------------------------------
 

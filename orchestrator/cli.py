@@ -35,6 +35,7 @@ from rich.table import Table
 
 from . import _graph
 from ._celery import Sweeper, create_app
+from ._cli_identity import groups_of, identity_commands
 from ._cli_schedules import schedules_group
 from ._client import Client
 from ._committer import MAX_INPUT_DEPTH, nesting_depth
@@ -306,7 +307,8 @@ def _drive(handle: RunHandle, approve_as: str | None, timeout: float | None, qui
         if gate is not None and (gate.token, len(gate.approvals)) not in decided:
             decided.add((gate.token, len(gate.approvals)))
             if approve_as is not None:
-                handle.approve(by=approve_as, comment="approved from the command line")
+                handle.approve(by=approve_as, comment="approved from the command line",
+                               source="cli")
             elif interactive and sys.stdin.isatty():
                 ask(handle, gate)
             elif interactive:
@@ -361,9 +363,9 @@ def ask(handle: RunHandle, gate: Gate,
                   f"approvers: {_t(', '.join(gate.approvers))}")
     note = prompt("  comment", default="", show_default=False) or None
     if choice == "approve":
-        handle.approve(by=who, comment=note)
+        handle.approve(by=who, comment=note, source="cli")
     else:
-        handle.reject(by=who, reason=note)
+        handle.reject(by=who, reason=note, source="cli")
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -786,12 +788,13 @@ def graph(settings: Settings, target: str, mermaid: bool, as_json: bool) -> None
 def _control(verb: str, doc: str) -> None:
     @cli.command(name=verb, help=doc)
     @click.argument("run_id")
+    @click.option("--as", "by", default=None, help="Who asks (recorded in the history).")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_obj
     @_guard
-    def command(settings: Settings, run_id: str, as_json: bool) -> None:
+    def command(settings: Settings, run_id: str, by: str | None, as_json: bool) -> None:
         handle = _client(settings).attach(run_id)
-        getattr(handle, verb)()
+        getattr(handle, verb)(by=by, source="cli")
         _report(handle, as_json)
 
 
@@ -811,7 +814,7 @@ def _decision(verb: str, note: str, doc: str) -> None:
     def command(settings: Settings, run_id: str, by: str, text: str | None,
                 as_json: bool) -> None:
         handle = _client(settings).attach(run_id)
-        getattr(handle, verb)(by, text)
+        getattr(handle, verb)(by, text, groups=groups_of(settings, by), source="cli")
         _report(handle, as_json)
 
 
@@ -853,6 +856,8 @@ def _report(handle: RunHandle, as_json: bool) -> None:
 
 cli.add_command(dev)
 cli.add_command(schedules_group(_guard, _t, parse_input))
+for _command in identity_commands(_guard, _t):
+    cli.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,8 @@ Key schema (P is the workflow's key prefix; {id} is a hash tag, so one run's key
 slot):
     P run:{id}                  hash  v (version), doc (RunRecord JSON), fork (open fork's
                                       token), wf (workflow), hn (history entries appended),
-                                      hl (history_limit when the run began)
+                                      hl (history_limit when the run began), hm (the
+                                      newest entry's audit mac, with an audit key)
     P run:{id}:history          list  the first hl history entries, each numbered ("n")
     P run:{id}:history:tail     list  the last hl entries after those
     P run:{id}:lease:<task>     str   present while a worker runs <task> (TTL, heartbeat)
@@ -33,6 +34,13 @@ than it returns (plus entries of runs that expired or are corrupt, skipped).
 The index keys are shared by all runs, so the scripts are single-instance Redis only, and
 some build index key names from the prefix; Redis Cluster would need the index writes split
 from the per-run commit.
+
+With an audit key (`ORCHESTRATOR_AUDIT_KEY`) every entry appended is sealed here, in Python
+(orchestrator/_audit.py), for the position the history is at: one HMGET of (hn, hl, hm)
+before the script, which appends only if those are still current, else writes nothing and
+answers "chain moved", and the entries are sealed again for the new positions. Commits are
+already serialized by their version check; notes and branch results are not, so any append
+can be the one that has to retry.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .. import _audit
 from .._records import BranchResult, RunRecord, RunStatus
 from .base import (
     TOTALS,
@@ -72,6 +81,7 @@ from .base import (
 
 T = TypeVar("T")
 _BATCH = 200  # records read per round trip while filling a page
+_CHAIN_RETRIES = 1000  # appends racing one run's audit chain: each retry means one won
 
 
 def _script(name: str, shared: bool = True) -> str:
@@ -119,8 +129,10 @@ class RedisStore(RunStore):
         retain_seconds: int = 7 * 24 * 3600,
         client: redis.Redis | None = None,
         history_limit: int = 1000,
+        audit_key: str | bytes | None = None,
     ) -> None:
         self.key_prefix = key_prefix
+        self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
         self.retain_seconds = retain_seconds
         self.history_limit = history_limit
         self.safe_url = redact(url)
@@ -171,6 +183,48 @@ class RedisStore(RunStore):
             parts.append(f"status:{status.value}")
         return self._idx(":".join(parts))
 
+    # ---- the audit chain -------------------------------------------------------------------
+
+    def _sealed(self, run_id: str, history: list[dict[str, Any]],
+                new: bool = False) -> list[str]:
+        """The chain arguments of a script (first position, previous mac, last mac) and
+        the entries as they are to be stored: sealed for the positions the run's history
+        is at now when there is an audit key, as they are otherwise."""
+        if self.audit_key is None or not history:
+            return ["", "", "", *(entry_json(h) for h in history)]
+        if new:
+            n, limit, prev = 0, self.history_limit, ""
+        else:
+            hn, hl, hm = self.redis.hmget(self._rec(run_id), "hn", "hl", "hm")
+            if hl is None:  # no such run, or one from before capped histories: unsealed
+                return ["", "", "", *(entry_json(h) for h in history)]
+            n, limit, prev = int(hn or 0), int(hl), _text(hm or b"")
+        first, start, entries = n, prev, []
+        for h in history:
+            sealed = _audit.seal(self.audit_key, run_id, n, prev, limit, h)
+            entries.append(entry_json(sealed))
+            prev, n = sealed["mac"], n + 1
+        return [str(first), start, prev, *entries]
+
+    def _sealed_one(self, run_id: str, entry: dict[str, Any]) -> tuple[list[str], str]:
+        first, prev, last, body = self._sealed(run_id, [entry])
+        return [first, prev, last], body
+
+    @unavailable_as_store_error
+    def audit(self, run_id: str, key: str | bytes) -> _audit.Verdict | None:
+        """Check a run's history against its audit chain (None: no such run)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hmget(self._rec(run_id), "hn", "hl")
+        head, tail = self._hist(run_id)
+        pipe.lrange(head, 0, -1)
+        pipe.lrange(tail, 0, -1)
+        (hn, hl), head_entries, tail_entries = pipe.execute()
+        if hl is None:
+            return None
+        raw_key = key.encode() if isinstance(key, str) else key
+        return _audit.verify(raw_key, run_id, [_text(e) for e in head_entries],
+                             [_text(e) for e in tail_entries], int(hn or 0), int(hl))
+
     # ---- RunStore ----------------------------------------------------------------------
 
     @unavailable_as_store_error
@@ -186,7 +240,7 @@ class RedisStore(RunStore):
                 self._idx("ids"), self._idx("due"), self._idx("expiry"), self._totals(wf)]
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
-                *(entry_json(h) for h in history)]
+                *self._sealed(run_id, history, new=True)]
         return bool(self._create(keys=keys, args=args))
 
     @unavailable_as_store_error
@@ -258,20 +312,27 @@ class RedisStore(RunStore):
                 "" if due is None else repr(due), retain, gate_op,
                 "" if record.fork is None else str(record.fork.token), wf,
                 ended_as(previous, record) or "",
-                *(_wait_op(previous, record, kind) for kind in WAIT_KINDS),
-                *(entry_json(h) for h in history)]
-        return bool(self._commit(keys=keys, args=args))
+                *(_wait_op(previous, record, kind) for kind in WAIT_KINDS)]
+        for _ in range(_CHAIN_RETRIES):
+            done = int(self._commit(keys=keys, args=[*args, *self._sealed(run_id, history)]))
+            if done >= 0:
+                return bool(done)
+        raise _chain_contended(run_id)
 
     @unavailable_as_store_error
     def record_branch(self, run_id: str, token: int, branch: str, result: BranchResult,
                       entry: dict[str, Any], release: str, width: int,
                       join_at: float) -> int | None:
-        n = int(self._record_branch(
-            keys=[self._rec(run_id), self._fork(run_id, token), *self._hist(run_id),
-                  self._lease(run_id, release), self._idx("due")],
-            args=[token, branch, result.model_dump_json(), entry_json(entry), width, run_id,
-                  repr(join_at)]))
-        return n if n >= 0 else None
+        keys = [self._rec(run_id), self._fork(run_id, token), *self._hist(run_id),
+                self._lease(run_id, release), self._idx("due")]
+        for _ in range(_CHAIN_RETRIES):
+            chain, body = self._sealed_one(run_id, entry)
+            n = int(self._record_branch(keys=keys, args=[
+                token, branch, result.model_dump_json(), body, width, run_id, repr(join_at),
+                *chain]))
+            if n != -3:
+                return n if n >= 0 else None
+        raise _chain_contended(run_id)
 
     @unavailable_as_store_error
     def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]:
@@ -286,9 +347,13 @@ class RedisStore(RunStore):
     @unavailable_as_store_error
     def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:
         rec = self._rec(run_id)
-        self._note(keys=[rec, *self._hist(run_id),
-                         self._lease(run_id, release) if release is not None else rec],
-                   args=[entry_json(entry)])
+        keys = [rec, *self._hist(run_id),
+                self._lease(run_id, release) if release is not None else rec]
+        for _ in range(_CHAIN_RETRIES):
+            chain, body = self._sealed_one(run_id, entry)
+            if int(self._note(keys=keys, args=[*chain, body])) >= 0:
+                return
+        raise _chain_contended(run_id)
 
     @unavailable_as_store_error
     def set_due(self, run_id: str, due: float | None, version: int | None = None) -> None:
@@ -416,6 +481,11 @@ class RedisStore(RunStore):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _chain_contended(run_id: str) -> RuntimeError:
+    return RuntimeError(f"run {run_id}: {_CHAIN_RETRIES} appends in a row lost the race for "
+                        f"its audit chain")
 
 
 def _loaded(run_id: str, v: bytes | None, doc: bytes | None, now: float,

@@ -10,12 +10,16 @@
 -- ARGV[7] gate op: 'open' | 'close' | ''   ARGV[8] open fork's token or ''
 -- ARGV[9] workflow   ARGV[10] the status the run ends in with this commit, or ''
 -- ARGV[11] gate wait, ARGV[12] event wait: '' unchanged, '-' over, else when it began
--- ARGV[13..] history entries
+-- ARGV[13] audit chain: first position or ''   ARGV[14] previous mac
+-- ARGV[15] the last entry's mac   ARGV[16..] history entries
+-- Returns 1 committed, 0 the version moved on, -1 the audit chain did (retry the same).
 local v = redis.call('HGET', KEYS[1], 'v')
 if v ~= ARGV[1] then return 0 end
+if not chain_ok(KEYS[1], ARGV[13], ARGV[14]) then return -1 end
 local id = ARGV[3]
 redis.call('HSET', KEYS[1], 'v', tostring(tonumber(v) + 1), 'doc', ARGV[2], 'fork', ARGV[8])
-for i = 13, #ARGV do append_history(KEYS[1], KEYS[2], KEYS[3], ARGV[i]) end
+for i = 16, #ARGV do append_history(KEYS[1], KEYS[2], KEYS[3], ARGV[i]) end
+chain_head(KEYS[1], ARGV[13], ARGV[15])
 if KEYS[4] ~= KEYS[1] then redis.call('DEL', KEYS[4]) end
 if KEYS[5] ~= KEYS[1] then redis.call('DEL', KEYS[5]) end
 if ARGV[5] == '' then

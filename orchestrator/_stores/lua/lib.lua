@@ -21,6 +21,21 @@ local function append_history(rec, head, tail, entry)
   if ttl > 0 then redis.call('PEXPIRE', list, ttl) end
 end
 
+-- The audit chain (orchestrator/_audit.py): the caller seals entries for the positions
+-- from `first` on, after the entry whose mac is `prev`, and they may only be appended
+-- there. False if another append came first: the caller writes nothing, seals again and
+-- retries. `first` '' means the entries are not sealed (no audit key).
+local function chain_ok(rec, first, prev)
+  if first == '' then return true end
+  local hn = redis.call('HGET', rec, 'hn') or '0'
+  local hm = redis.call('HGET', rec, 'hm') or ''
+  return hn == first and hm == prev
+end
+
+local function chain_head(rec, first, last)
+  if first ~= '' then redis.call('HSET', rec, 'hm', last) end
+end
+
 -- Take a run out of the listings and timers. Keys are built here because which ones hold
 -- the run depends on its workflow, read from the store (see the key schema in redis.py).
 local function unindex(prefix, id, workflow)
