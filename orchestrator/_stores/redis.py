@@ -29,7 +29,7 @@ than it returns (plus entries of runs that expired or are corrupt, skipped).
 
 The index keys are shared by all runs, so the scripts are single-instance Redis only, and
 some build index key names from the prefix; Redis Cluster would need the index writes split
-from the per-run commit.
+from the per-run commit. A primary with replicas (and Sentinel, through `connect`) is fine.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .. import _redis_url
 from .._records import BranchResult, RunRecord, RunStatus
 from .base import (
     TRIMMED,
@@ -77,8 +78,10 @@ def _script(name: str, shared: bool = True) -> str:
 
 
 def connect(url: str) -> redis.Redis:
-    """A client that fails fast when Redis is down and retries a dropped link."""
-    return redis.Redis.from_url(
+    """A client that fails fast when Redis is down and retries a dropped link; for a
+    `redis+sentinel://` URL, one that asks the sentinels where the primary is whenever it
+    connects, so it follows a failover (orchestrator/_redis_url.py)."""
+    return _redis_url.client(
         url,
         socket_connect_timeout=3,
         socket_timeout=30,
@@ -409,12 +412,5 @@ def _scored(rows: Any) -> list[tuple[str, float]]:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its passwords, for error messages and logs."""
+    return _redis_url.redact(url)
