@@ -38,15 +38,20 @@ class Settings:
     catalog_ttl: float = 30.0  # a host leaves the catalog this long after its last heartbeat
     log_format: str = "text"  # or "json": one JSON object a line
     task_events: bool = False  # send task events from the start, not only while Flower runs
+    min_replicas_ack: int = 0  # replicas that must acknowledge a commit (WAIT) before a send
+    replicas_ack_timeout: float = 1.0  # seconds a commit waits for them
 
     def __post_init__(self) -> None:
         positive = ("lease_ttl", "redispatch_after", "join_after", "sweep_interval",
                     "sweep_batch", "visibility_timeout", "result_expires", "retain_seconds",
-                    "max_payload", "history_limit", "catalog_ttl")
+                    "max_payload", "history_limit", "catalog_ttl", "replicas_ack_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ORCHESTRATOR_{name.upper()} must be positive, "
                                  f"got {getattr(self, name)!r}")
+        if self.min_replicas_ack < 0:
+            raise ValueError(f"ORCHESTRATOR_MIN_REPLICAS_ACK must be 0 or more, "
+                             f"got {self.min_replicas_ack!r}")
         for name in ("redis_url", "broker_url"):
             url = getattr(self, name)
             if url is not None:

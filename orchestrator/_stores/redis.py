@@ -29,7 +29,10 @@ than it returns (plus entries of runs that expired or are corrupt, skipped).
 
 The index keys are shared by all runs, so the scripts are single-instance Redis only, and
 some build index key names from the prefix; Redis Cluster would need the index writes split
-from the per-run commit. A primary with replicas (and Sentinel, through `connect`) is fine.
+from the per-run commit. A primary with replicas (and Sentinel, through `connect`) is fine:
+with `min_replicas_ack` every write a send may follow (create, commit, record_branch) waits
+for that many replicas (`WAIT`) before it returns, and a wait that falls short is
+StoreUnavailable, like an unreachable Redis (docs/design.md, "Replicas and failover").
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import functools
 import json
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -62,6 +65,9 @@ from .base import (
     parse_record,
     record_json,
 )
+
+if TYPE_CHECKING:
+    from .._config import Settings
 
 T = TypeVar("T")
 _BATCH = 200  # records read per round trip while filling a page
@@ -114,10 +120,15 @@ class RedisStore(RunStore):
         retain_seconds: int = 7 * 24 * 3600,
         client: redis.Redis | None = None,
         history_limit: int = 1000,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout: float = 1.0,
     ) -> None:
         self.key_prefix = key_prefix
         self.retain_seconds = retain_seconds
         self.history_limit = history_limit
+        self.min_replicas_ack = min_replicas_ack
+        # WAIT's timeout is in milliseconds, and 0 would mean forever.
+        self._wait_ms = max(1, round(replicas_ack_timeout * 1000))
         self.safe_url = redact(url)
         self.redis = client or connect(url)
         self._create = self.redis.register_script(_script("create.lua"))
@@ -129,6 +140,40 @@ class RedisStore(RunStore):
         self._purge = self.redis.register_script(_script("purge.lua"))
         self._quarantine = self.redis.register_script(_script("quarantine.lua"))
         self._set_due_if = self.redis.register_script(_script("set_due.lua", shared=False))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, key_prefix: str) -> RedisStore:
+        s = settings
+        return cls(s.redis_url, key_prefix, s.retain_seconds, history_limit=s.history_limit,
+                   min_replicas_ack=s.min_replicas_ack,
+                   replicas_ack_timeout=s.replicas_ack_timeout)
+
+    def _acked(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script whose write a send may follow; with `min_replicas_ack`, on the same
+        connection (one round trip) WAIT until that many replicas have it, and raise
+        StoreUnavailable if fewer did in time: the write may stand on the primary, but it
+        is not known to survive a failover, so nothing may be sent on its strength."""
+        if not self.min_replicas_ack:
+            return script(keys=keys, args=args)
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.wait(self.min_replicas_ack, self._wait_ms)
+            result, acked = pipe.execute(raise_on_error=False)
+            if isinstance(result, redis.exceptions.NoScriptError):
+                # A primary that never saw the script (a promoted replica): load it there.
+                script.sha = self.redis.script_load(script.script)
+                continue
+            for answer in (result, acked):
+                if isinstance(answer, Exception):
+                    raise answer
+            if int(acked) < self.min_replicas_ack:
+                raise StoreUnavailable(
+                    f"Redis at {self.safe_url}: {acked} of {self.min_replicas_ack} replica(s) "
+                    f"acknowledged the write within {self._wait_ms} ms "
+                    f"(ORCHESTRATOR_MIN_REPLICAS_ACK)")
+            return result
+        raise StoreUnavailable(f"Redis at {self.safe_url} keeps losing its scripts")
 
     # ---- keys ----------------------------------------------------------------------
 
@@ -176,7 +221,7 @@ class RedisStore(RunStore):
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *(entry_json(h) for h in history)]
-        return bool(self._create(keys=keys, args=args))
+        return bool(self._acked(self._create, keys, args))
 
     @unavailable_as_store_error
     def load(self, run_id: str) -> Loaded:
@@ -246,17 +291,18 @@ class RedisStore(RunStore):
                 "" if due is None else repr(due), retain, gate_op,
                 "" if record.fork is None else str(record.fork.token), wf,
                 *(entry_json(h) for h in history)]
-        return bool(self._commit(keys=keys, args=args))
+        return bool(self._acked(self._commit, keys, args))
 
     @unavailable_as_store_error
     def record_branch(self, run_id: str, token: int, branch: str, result: BranchResult,
                       entry: dict[str, Any], release: str, width: int,
                       join_at: float) -> int | None:
-        n = int(self._record_branch(
-            keys=[self._rec(run_id), self._fork(run_id, token), *self._hist(run_id),
-                  self._lease(run_id, release), self._idx("due")],
-            args=[token, branch, result.model_dump_json(), entry_json(entry), width, run_id,
-                  repr(join_at)]))
+        n = int(self._acked(
+            self._record_branch,
+            [self._rec(run_id), self._fork(run_id, token), *self._hist(run_id),
+             self._lease(run_id, release), self._idx("due")],
+            [token, branch, result.model_dump_json(), entry_json(entry), width, run_id,
+             repr(join_at)]))
         return n if n >= 0 else None
 
     @unavailable_as_store_error
