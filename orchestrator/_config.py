@@ -11,6 +11,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _redis_url
 from ._records import DEFAULT_QUEUE
 
 COORDINATOR_QUEUE = "orchestrator.coordinator"
@@ -39,15 +40,27 @@ class Settings:
     task_events: bool = False  # send task events from the start, not only while Flower runs
     # HMAC key of the runs' history chain (orchestrator/_audit.py); unset: no macs.
     audit_key: str | None = field(default=None, repr=False)
+    min_replicas_ack: int = 0  # replicas that must acknowledge a commit (WAIT) before a send
+    replicas_ack_timeout: float = 1.0  # seconds a commit waits for them
 
     def __post_init__(self) -> None:
         positive = ("lease_ttl", "redispatch_after", "join_after", "sweep_interval",
                     "sweep_batch", "visibility_timeout", "result_expires", "retain_seconds",
-                    "max_payload", "history_limit", "catalog_ttl")
+                    "max_payload", "history_limit", "catalog_ttl", "replicas_ack_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ORCHESTRATOR_{name.upper()} must be positive, "
                                  f"got {getattr(self, name)!r}")
+        if self.min_replicas_ack < 0:
+            raise ValueError(f"ORCHESTRATOR_MIN_REPLICAS_ACK must be 0 or more, "
+                             f"got {self.min_replicas_ack!r}")
+        for name in ("redis_url", "broker_url"):
+            url = getattr(self, name)
+            if url is not None:
+                try:
+                    _redis_url.check(url)
+                except ValueError as exc:
+                    raise ValueError(f"ORCHESTRATOR_{name.upper()}: {exc}") from None
         if self.log_format not in ("text", "json"):
             raise ValueError(f"ORCHESTRATOR_LOG_FORMAT must be 'text' or 'json', "
                              f"got {self.log_format!r}")
@@ -94,9 +107,14 @@ def _parse(kind: Any, raw: str) -> Any:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """JSON only, late acks, requeue on a lost worker, one message prefetched per process."""
+    # A Sentinel URL becomes kombu's and Celery's own form (sentinel://...;sentinel://...
+    # with master_name and sentinel_kwargs): the broker and the chord counters follow the
+    # primary as the state store does.
+    broker, broker_options = _redis_url.celery_url(settings.broker)
+    backend, backend_options = _redis_url.celery_url(settings.redis_url)
     conf: dict[str, Any] = {
-        "broker_url": settings.broker,
-        "result_backend": settings.redis_url,  # chord counters only; our store holds results
+        "broker_url": broker,
+        "result_backend": backend,  # chord counters only; our store holds results
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -111,8 +129,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Workers that lose the broker link cancel what they prefetched instead of
         # acking it later into a new connection (celery #8030 / #4354 family).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout,
+                                     **broker_options},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout,
+                                             **backend_options},
         "redis_backend_health_check_interval": 15,
         # Events cost a publish per task state; Flower switches them on while it watches.
         "worker_send_task_events": settings.task_events,

@@ -31,6 +31,7 @@ import redis
 from rich.console import Console
 from rich.text import Text
 
+from . import _redis_url as redis_urls
 from ._config import Settings
 from ._stores.redis import redact
 
@@ -163,7 +164,7 @@ def _answers(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def _pings(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis_urls.client(url, socket_timeout=1, socket_connect_timeout=1)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -193,6 +194,12 @@ def _env_value(value: object) -> str:
 
 
 def _ensure_redis(topology: Topology, url: str, scratch: str) -> None:
+    if redis_urls.is_sentinel(url):  # a deployment of its own: never started here
+        if not _pings(url):
+            raise click.ClickException(f"no primary answers through the sentinels of "
+                                       f"{redact(url)}")
+        console.print("using the Redis primary the sentinels name")
+        return
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     if _answers(port, host):

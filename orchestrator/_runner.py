@@ -31,9 +31,7 @@ def embedded_runtime(settings: Settings | None = None,
         hosted = [wf for wf in runtime.workflows.values()
                   if wf.persistence_options.key_prefix == prefix]
         if any(wf.persistence_options.store == "redis" for wf in hosted):
-            return RedisStore(settings.redis_url, prefix, settings.retain_seconds,
-                              history_limit=settings.history_limit,
-                              audit_key=settings.audit_key)
+            return RedisStore.from_settings(settings, prefix)
         return memory.setdefault(prefix, MemoryStore(prefix, settings.retain_seconds,
                                                      settings.history_limit))
 

@@ -100,9 +100,7 @@ class Runtime:
         return [self.store_for(prefix) for prefix in self.registry.key_prefixes()]
 
     def _redis_store(self, prefix: str) -> RunStore:
-        s = self.settings
-        return RedisStore(s.redis_url, prefix, s.retain_seconds, history_limit=s.history_limit,
-                          audit_key=s.audit_key)
+        return RedisStore.from_settings(self.settings, prefix)
 
     # ---- runs ------------------------------------------------------------------------
 

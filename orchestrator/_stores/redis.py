@@ -33,7 +33,10 @@ than it returns (plus entries of runs that expired or are corrupt, skipped).
 
 The index keys are shared by all runs, so the scripts are single-instance Redis only, and
 some build index key names from the prefix; Redis Cluster would need the index writes split
-from the per-run commit.
+from the per-run commit. A primary with replicas (and Sentinel, through `connect`) is fine:
+with `min_replicas_ack` every write a send may follow (create, commit, record_branch) waits
+for that many replicas (`WAIT`) before it returns, and a wait that falls short is
+StoreUnavailable, like an unreachable Redis (docs/design.md, "Replicas and failover").
 
 With an audit key (`ORCHESTRATOR_AUDIT_KEY`) every entry appended is sealed here, in Python
 (orchestrator/_audit.py), for the position the history is at: one HMGET of (hn, hl, hm)
@@ -49,13 +52,13 @@ import functools
 import json
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .. import _audit
+from .. import _audit, _redis_url
 from .._records import BranchResult, RunRecord, RunStatus
 from .base import (
     TOTALS,
@@ -79,6 +82,9 @@ from .base import (
     wait_since,
 )
 
+if TYPE_CHECKING:
+    from .._config import Settings
+
 T = TypeVar("T")
 _BATCH = 200  # records read per round trip while filling a page
 _CHAIN_RETRIES = 1000  # appends racing one run's audit chain: each retry means one won
@@ -95,8 +101,10 @@ def _script(name: str, shared: bool = True) -> str:
 
 
 def connect(url: str) -> redis.Redis:
-    """A client that fails fast when Redis is down and retries a dropped link."""
-    return redis.Redis.from_url(
+    """A client that fails fast when Redis is down and retries a dropped link; for a
+    `redis+sentinel://` URL, one that asks the sentinels where the primary is whenever it
+    connects, so it follows a failover (orchestrator/_redis_url.py)."""
+    return _redis_url.client(
         url,
         socket_connect_timeout=3,
         socket_timeout=30,
@@ -130,11 +138,16 @@ class RedisStore(RunStore):
         client: redis.Redis | None = None,
         history_limit: int = 1000,
         audit_key: str | bytes | None = None,
+        min_replicas_ack: int = 0,
+        replicas_ack_timeout: float = 1.0,
     ) -> None:
         self.key_prefix = key_prefix
         self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
         self.retain_seconds = retain_seconds
         self.history_limit = history_limit
+        self.min_replicas_ack = min_replicas_ack
+        # WAIT's timeout is in milliseconds, and 0 would mean forever.
+        self._wait_ms = max(1, round(replicas_ack_timeout * 1000))
         self.safe_url = redact(url)
         self.redis = client or connect(url)
         self._create = self.redis.register_script(_script("create.lua"))
@@ -146,6 +159,40 @@ class RedisStore(RunStore):
         self._purge = self.redis.register_script(_script("purge.lua"))
         self._quarantine = self.redis.register_script(_script("quarantine.lua"))
         self._set_due_if = self.redis.register_script(_script("set_due.lua", shared=False))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, key_prefix: str) -> RedisStore:
+        s = settings
+        return cls(s.redis_url, key_prefix, s.retain_seconds, history_limit=s.history_limit,
+                   audit_key=s.audit_key, min_replicas_ack=s.min_replicas_ack,
+                   replicas_ack_timeout=s.replicas_ack_timeout)
+
+    def _acked(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script whose write a send may follow; with `min_replicas_ack`, on the same
+        connection (one round trip) WAIT until that many replicas have it, and raise
+        StoreUnavailable if fewer did in time: the write may stand on the primary, but it
+        is not known to survive a failover, so nothing may be sent on its strength."""
+        if not self.min_replicas_ack:
+            return script(keys=keys, args=args)
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.wait(self.min_replicas_ack, self._wait_ms)
+            result, acked = pipe.execute(raise_on_error=False)
+            if isinstance(result, redis.exceptions.NoScriptError):
+                # A primary that never saw the script (a promoted replica): load it there.
+                script.sha = self.redis.script_load(script.script)
+                continue
+            for answer in (result, acked):
+                if isinstance(answer, Exception):
+                    raise answer
+            if int(acked) < self.min_replicas_ack:
+                raise StoreUnavailable(
+                    f"Redis at {self.safe_url}: {acked} of {self.min_replicas_ack} replica(s) "
+                    f"acknowledged the write within {self._wait_ms} ms "
+                    f"(ORCHESTRATOR_MIN_REPLICAS_ACK)")
+            return result
+        raise StoreUnavailable(f"Redis at {self.safe_url} keeps losing its scripts")
 
     # ---- keys ----------------------------------------------------------------------
 
@@ -241,7 +288,7 @@ class RedisStore(RunStore):
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *self._sealed(run_id, history, new=True)]
-        return bool(self._create(keys=keys, args=args))
+        return bool(self._acked(self._create, keys, args))
 
     @unavailable_as_store_error
     def load(self, run_id: str) -> Loaded:
@@ -314,7 +361,8 @@ class RedisStore(RunStore):
                 ended_as(previous, record) or "",
                 *(_wait_op(previous, record, kind) for kind in WAIT_KINDS)]
         for _ in range(_CHAIN_RETRIES):
-            done = int(self._commit(keys=keys, args=[*args, *self._sealed(run_id, history)]))
+            done = int(self._acked(self._commit, keys,
+                                   [*args, *self._sealed(run_id, history)]))
             if done >= 0:
                 return bool(done)
         raise _chain_contended(run_id)
@@ -327,7 +375,7 @@ class RedisStore(RunStore):
                 self._lease(run_id, release), self._idx("due")]
         for _ in range(_CHAIN_RETRIES):
             chain, body = self._sealed_one(run_id, entry)
-            n = int(self._record_branch(keys=keys, args=[
+            n = int(self._acked(self._record_branch, keys, [
                 token, branch, result.model_dump_json(), body, width, run_id, repr(join_at),
                 *chain]))
             if n != -3:
@@ -524,12 +572,5 @@ def _scored(rows: Any) -> list[tuple[str, float]]:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its passwords, for error messages and logs."""
+    return _redis_url.redact(url)
