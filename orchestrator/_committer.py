@@ -85,6 +85,8 @@ class Committer:
             assert decision.record is not None
             if store.commit(current.record, current.version, decision.record, decision.history,
                             self.due(decision.record), release):
+                if decision.record.status.is_terminal and not current.record.status.is_terminal:
+                    store.announce_end(run_id)
                 if self.hooks:  # before sending: the next step's hooks come after this one
                     self.hooks.call("after_commit", current.record, decision.record,
                                     decision.history)

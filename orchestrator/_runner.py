@@ -114,6 +114,10 @@ class WorkflowRunner:
         return self.runtime.sweep(self.store)
 
 
+# Seconds between looks at a run whose end will be announced (a safety net, not a poll).
+LOOK_AGAIN_EVERY = 2.0
+
+
 class RunFailed(RuntimeError):
     """A run ended failed or stopped; `.result` holds its RunResult (error included)."""
 
@@ -153,26 +157,32 @@ class RunHandle:
     def result(self, timeout: float | None = None, poll: float = 0.02, *,
                raise_on_failure: bool = False) -> RunResult:
         """Wait until the run has completed, failed or stopped. TimeoutError if not by then.
+        The store tells the handle when the run ends (Redis pub/sub); `poll` is the first
+        interval where it cannot (then up to 0.25 s).
 
         With `raise_on_failure=True` a run that failed or was stopped raises `RunFailed`
         (carrying the result) instead of returning it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = poll
-        while True:
-            rec = self.record()
-            if rec.status.is_terminal:
-                result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
-                                   step_results=rec.step_results, output=rec.output,
-                                   error=rec.error)
-                if raise_on_failure and result.status is not RunStatus.COMPLETED:
-                    raise RunFailed(result)
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"run {self.run_id} is still {rec.status.value} after {timeout}s")
-            time.sleep(wait if deadline is None else min(wait, max(0.0, deadline -
-                                                                   time.monotonic())))
-            wait = min(wait * 1.5, 0.25)
+        # Told when the run ends (pub/sub on Redis); where that cannot be, or a word was
+        # lost (a process died right after the commit), looking again now and then.
+        with self._store.watch_end(self.run_id) as watch:
+            while True:
+                rec = self.record()
+                if rec.status.is_terminal:
+                    result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
+                                       step_results=rec.step_results, output=rec.output,
+                                       error=rec.error)
+                    if raise_on_failure and result.status is not RunStatus.COMPLETED:
+                        raise RunFailed(result)
+                    return result
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"run {self.run_id} is still {rec.status.value} after {timeout}s")
+                pause = LOOK_AGAIN_EVERY if watch.live else wait
+                watch.wait(pause if deadline is None
+                           else min(pause, max(0.0, deadline - time.monotonic())))
+                wait = min(wait * 1.5, 0.25)
 
     # ---- control ----------------------------------------------------------------------
 

@@ -20,8 +20,10 @@ waiting at a gate or for an event, indexed by when their wait began.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,14 @@ class Waits:
 
     count: int = 0
     oldest: float | None = None  # the store's clock; None while nothing waits
+
+
+@dataclass(frozen=True)
+class EndWatch:
+    """What `RunStore.watch_end` gives: `wait(seconds)` until told or the time is up."""
+
+    wait: Callable[[float], Any]
+    live: bool = True
 
 
 @dataclass(frozen=True)
@@ -210,6 +220,16 @@ class RunStore(abc.ABC):
     @abc.abstractmethod
     def raw(self, run_id: str) -> dict[str, str] | None:
         """The run's stored fields as text, readable when its record is not."""
+
+    def announce_end(self, run_id: str) -> None:  # noqa: B027 - optional hook
+        """Tell `watch_end` watchers that the run has just ended (after its commit)."""
+
+    @contextlib.contextmanager
+    def watch_end(self, run_id: str) -> Iterator[EndWatch]:
+        """Watch for the run's end: `wait(seconds)` returns early when `announce_end` is
+        called for it after the watch began (so a check of the record made inside the
+        watch cannot miss it). Without a way to be told, `live` is False and `wait` sleeps."""
+        yield EndWatch(time.sleep, live=False)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -7,10 +7,12 @@ which is fine for what one process holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from .base import (
     TRIMMED,
     WAIT_KINDS,
     CorruptRecord,
+    EndWatch,
     Loaded,
     RunPage,
     RunStore,
@@ -95,6 +98,8 @@ class MemoryStore(RunStore):
         self.retain_seconds = retain_seconds
         self.history_limit = history_limit
         self._lock = threading.Lock()
+        self._ended = threading.Condition()
+        self._ends: dict[str, int] = {}  # run id -> times its end was announced
         self._runs: dict[str, _Run] = {}
         self._due: dict[str, float] = {}
         self._gates: set[str] = set()
@@ -363,6 +368,24 @@ class MemoryStore(RunStore):
     def corrupt_runs(self) -> list[str]:
         with self._lock:
             return sorted(self._corrupt)
+
+    def announce_end(self, run_id: str) -> None:
+        with self._ended:
+            self._ends[run_id] = self._ends.get(run_id, 0) + 1
+            self._ended.notify_all()
+
+    @contextlib.contextmanager
+    def watch_end(self, run_id: str) -> Iterator[EndWatch]:
+        with self._ended:
+            seen = self._ends.get(run_id, 0)
+
+        def wait(seconds: float) -> None:
+            nonlocal seen
+            with self._ended:
+                self._ended.wait_for(lambda: self._ends.get(run_id, 0) != seen, seconds)
+                seen = self._ends.get(run_id, 0)
+
+        yield EndWatch(wait)
 
     def raw(self, run_id: str) -> dict[str, str] | None:
         with self._lock:

@@ -48,9 +48,12 @@ can be the one that has to retry.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,6 +68,7 @@ from .base import (
     TRIMMED,
     WAIT_KINDS,
     CorruptRecord,
+    EndWatch,
     Loaded,
     RunPage,
     RunStore,
@@ -86,6 +90,7 @@ if TYPE_CHECKING:
     from .._config import Settings
 
 T = TypeVar("T")
+log = logging.getLogger("orchestrator.store")
 _BATCH = 200  # records read per round trip while filling a page
 _CHAIN_RETRIES = 1000  # appends racing one run's audit chain: each retry means one won
 
@@ -526,6 +531,39 @@ class RedisStore(RunStore):
         if not fields:
             return None
         return {_text(k): _text(v) for k, v in fields.items()}
+
+    def announce_end(self, run_id: str) -> None:
+        # Best effort: a watcher also looks again on its own now and then.
+        try:
+            self.redis.publish(self._ended(run_id), "ended")
+        except redis.RedisError as exc:  # e.g. an ACL without this channel
+            log.debug("could not announce the end of run %s: %s", run_id, exc)
+
+    @contextlib.contextmanager
+    def watch_end(self, run_id: str) -> Iterator[EndWatch]:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self._ended(run_id))
+        except redis.RedisError as exc:  # no channel rights, or Redis away: poll instead
+            log.debug("cannot watch run %s end (%s); polling", run_id, exc)
+            pubsub.close()
+            yield EndWatch(time.sleep, live=False)
+            return
+        def wait(seconds: float) -> None:
+            # get_message answers None at once for the subscription's own confirmation.
+            until = time.monotonic() + seconds
+            while (left := until - time.monotonic()) > 0:
+                if pubsub.get_message(timeout=left) is not None:
+                    return
+
+        try:
+            yield EndWatch(wait)
+        finally:
+            pubsub.close()
+
+    def _ended(self, run_id: str) -> str:
+        """The channel a run's end is published on (a channel, not a key)."""
+        return f"{self.key_prefix}ended:{{{run_id}}}"
 
     def close(self) -> None:
         self.redis.close()
