@@ -61,6 +61,8 @@ def test_roles_run_a_gated_fan_out_under_their_own_acl_users(
         handle = client.start("BuildAndDeploy", {"repo": "acme/web",
                                                  "environment": "production"})
         wait_for(lambda: handle.status() is RunStatus.WAITING, 60, what="the gate")
+        with client.runtime.store_for("deploy:").watch_end(handle.run_id) as watch:
+            assert watch.live  # the app may hear of the run's end, not just poll for it
         assert [r.run_id for r in client.gates("ops-lead")] == [handle.run_id]
         handle.approve(by="ops-lead")
         result = handle.result(timeout=60)
