@@ -85,13 +85,15 @@ class Committer:
             assert decision.record is not None
             if store.commit(current.record, current.version, decision.record, decision.history,
                             self.due(decision.record), release):
-                if decision.record.status.is_terminal and not current.record.status.is_terminal:
-                    store.announce_end(run_id)
                 if self.hooks:  # before sending: the next step's hooks come after this one
                     self.hooks.call("after_commit", current.record, decision.record,
                                     decision.history)
                 self.send(store, [c for c in decision.commands
                                   if run_here is None or not run_here(c)])
+                if decision.record.status.is_terminal and not current.record.status.is_terminal:
+                    # After its commands (a failed run's revokes): who hears of the end hears
+                    # of it once what it decided is on its way.
+                    store.announce_end(run_id)
                 return decision
         raise CommitConflict(f"run {run_id}: gave up after {MAX_CAS_ATTEMPTS} conflicting writes")
 

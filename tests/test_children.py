@@ -37,7 +37,10 @@ def test_a_childs_result_reaches_its_parent_and_both_name_each_other(
         assert called["child"] == kid and called["workflow"] == "Doubler"
         child = _child(cluster, kid).record()
         assert child.parent is not None and child.parent.run_id == parent.run_id
-        assert child.parent.notified and child.input == {"x": 21, "hold": False}
+        assert child.input == {"x": 21, "hold": False}
+        # The child records that its parent heard just after telling it.
+        wait_for(lambda k=kid: _child(cluster, k).record().parent.notified, 30,
+                 what="the child to record that its parent heard")
         assert _history(parent, "child_ended")[0]["status"] == "completed"
 
 

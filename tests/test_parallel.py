@@ -59,11 +59,12 @@ def test_failing_branch_fails_run_and_revokes_siblings(cluster: Cluster,
     assert result.error is not None and result.error.step == "Fork[broken]"
     assert "the mac builder is on fire" in result.error.message
     assert result.error.traceback and "RuntimeError" in result.error.traceback
+    wait_for(lambda: re.search(r"Terminating fb1:\d+:slow:1", cluster.logs()), 30,
+             what="the worker to terminate the sibling")
     rclient.set("t:fb1:release", 1)  # a sibling still running would now finish
     wait_for(lambda: not rclient.keys("orchestrator:run:{fb1}:lease:*"), 30,
              what="the revoked sibling's lease to lapse")
     assert [e for e in flows.events(rclient, "fb1") if e["what"] == "finished"] == []
-    assert re.search(r"Terminating fb1:\d+:slow:1", cluster.logs())
 
 
 def test_lost_chord_body_is_redriven_by_the_sweep(cluster_factory: Callable[..., Cluster],
@@ -124,6 +125,10 @@ def test_a_failing_nested_branch_fails_the_run_and_revokes_the_rest(
     assert result.error is not None
     assert result.error.step == "Fork[outer/broken_after_sibling]"
     assert "the mac builder is on fire" in result.error.message
+    # The revoke is a broadcast the worker acts on when it reads it: release the sibling
+    # only once it has, or a sibling still running would finish for the wrong reason.
+    wait_for(lambda: re.search(r"Terminating nf1:\d+:outer/slow_sibling", cluster.logs()), 30,
+             what="the worker to terminate the nested sibling")
     rclient.set("t:nf1:release", 1)  # the nested sibling, were it still running, would finish
     wait_for(lambda: not rclient.keys("orchestrator:run:{nf1}:lease:*"), 30,
              what="the revoked nested sibling's lease to lapse")
