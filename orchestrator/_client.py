@@ -19,7 +19,7 @@ from ._dispatch.celery import CeleryDispatcher
 from ._records import RunRecord, RunStatus
 from ._runner import RunHandle
 from ._runtime import RunNotFound, Runtime, UnknownWorkflow
-from ._schemas import normalise, schema_errors
+from ._schemas import field_errors, normalise
 from ._steward import CatalogEntry, ClusterView
 from ._stores.redis import connect, redact, unavailable_as_store_error
 
@@ -35,7 +35,12 @@ AMBIGUITY_SHOWN = 10
 
 
 class InvalidInput(ValueError):
-    """Input that does not match the workflow's published schema; nothing was enqueued."""
+    """Input that does not match the workflow's published schema; nothing was enqueued.
+    `errors` lists (field, message), the field a dotted path ('' for the whole input)."""
+
+    def __init__(self, message: str, errors: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [("", message)]
 
 
 class AmbiguousRunId(ValueError):
@@ -109,10 +114,12 @@ class Client:
 
     @unavailable_as_store_error
     def start(self, name: str, input: dict[str, Any] | None = None, *,
-              run_id: str | None = None, queue_anyway: bool = False) -> RunHandle:
+              run_id: str | None = None, queue_anyway: bool = False, by: str | None = None,
+              source: str = "client") -> RunHandle:
         """Validate against the published schema, normalise as the workflow's model would,
         then enqueue. Same run id: same run. NoLiveWorker when no live worker executes the
-        workflow, unless `queue_anyway` (it then waits in its queue for one)."""
+        workflow, unless `queue_anyway` (it then waits in its queue for one). `by` (from
+        `source`: client, api, console, cli) goes into the history as who started it."""
         view = self._view()
         entry = self._entry(view, name)
         if not entry.hosts and not queue_anyway:
@@ -125,7 +132,8 @@ class Client:
         cluster: dict[str, Any] = view.cluster_settings() or {}
         self.runtime.settings = dataclasses.replace(self.settings, **cluster)
         run_id, _ = self.runtime.start_spec(entry.spec(), entry.key_prefix, data,
-                                            dict(entry.initial_state), run_id)
+                                            dict(entry.initial_state), run_id,
+                                            by=by, source=source)
         return self._handle(run_id, entry.key_prefix)
 
     @unavailable_as_store_error
@@ -180,7 +188,8 @@ def _checked(name: str, schema: dict[str, Any], data: Any) -> Any:
     if nesting_depth(data) > MAX_INPUT_DEPTH:
         raise InvalidInput(f"invalid input for {name}: nested deeper than "
                            f"{MAX_INPUT_DEPTH} levels")
-    problems = schema_errors(schema, data, "input")
+    problems = field_errors(schema, data)
     if problems:
-        raise InvalidInput(f"invalid input for {name}: {problems}")
+        text = "; ".join(f"{field or 'input'}: {message}" for field, message in problems)
+        raise InvalidInput(f"invalid input for {name}: {text}", problems)
     return data

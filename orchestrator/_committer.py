@@ -128,9 +128,11 @@ class Committer:
 
     def start(self, store: RunStore, spec: FlowSpec, input: dict[str, Any],
               state: dict[str, Any], run_id: str | None = None,
-              parent: ParentLink | None = None) -> tuple[str, bool]:
+              parent: ParentLink | None = None, *, by: str | None = None,
+              source: str = "client") -> tuple[str, bool]:
         """Create and dispatch a run from validated data. Returns (run id, created); a run
-        id that exists already is not started again. Once the run is committed it is
+        id that exists already is not started again. `by` (from `source`) is recorded as
+        who started it. Once the run is committed it is
         started: if its first message cannot be sent now, the sweep sends it."""
         run_id = uuid.uuid4().hex if run_id is None else run_id
         check_run_id(run_id)
@@ -139,7 +141,7 @@ class Committer:
             raise ValueError(f"input is {size} bytes of JSON, over the "
                              f"{self.settings.max_payload}-byte limit (ORCHESTRATOR_MAX_PAYLOAD)")
         now = store.now()  # fails fast (StoreUnavailable) before anything is written
-        d = engine.start(spec, run_id, input, state, now, parent)
+        d = engine.start(spec, run_id, input, state, now, parent, by, source)
         assert d.record is not None
         if not store.create(d.record, d.history, self.due(d.record)):
             return run_id, False

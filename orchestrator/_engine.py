@@ -377,16 +377,16 @@ def _ignore(reason: str) -> Decision:
 
 def start(
     spec: FlowSpec, run_id: str, input: dict[str, Any], state: dict[str, Any], now: float,
-    parent: ParentLink | None = None,
+    parent: ParentLink | None = None, by: str | None = None, source: str | None = None,
 ) -> Decision:
-    """A new run, with its first step dispatched."""
+    """A new run, with its first step dispatched; `by` and `source` say who started it."""
     rec = RunRecord(
         run_id=run_id, workflow=spec.workflow, version=spec.version, status=RunStatus.RUNNING,
         input=input, state=state, created_at=now, updated_at=now, parent=parent,
     )
     d = Decision(rec)
     _log(d, now, "started", workflow=spec.workflow, version=spec.version,
-         parent=parent.run_id if parent else None)
+         parent=parent.run_id if parent else None, by=by, source=source if by else None)
     _goto(d, spec, START, now)
     return d
 

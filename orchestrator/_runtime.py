@@ -119,10 +119,11 @@ class Runtime:
 
     def start_spec(
         self, spec: FlowSpec, key_prefix: str, input: dict[str, Any], state: dict[str, Any],
-        run_id: str | None = None,
+        run_id: str | None = None, *, by: str | None = None, source: str = "client",
     ) -> tuple[str, bool]:
         """Start from validated data; for apps that know a workflow only by its catalog."""
-        return self.committer.start(self.store_for(key_prefix), spec, input, state, run_id)
+        return self.committer.start(self.store_for(key_prefix), spec, input, state, run_id,
+                                    by=by, source=source)
 
     def apply(self, store: RunStore, run_id: str, make_event: EventMaker,
               spec: FlowSpec | None = None, *, release: str | None = None,

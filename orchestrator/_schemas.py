@@ -9,13 +9,27 @@ from typing import Any
 import jsonschema
 
 
+def field_errors(schema: dict[str, Any], data: Any) -> list[tuple[str, str]]:
+    """(field, message) for each thing wrong with `data`, the field as a dotted path (''
+    for the whole value); a missing required field is named itself, not its parent, so a
+    form can show the message beside it."""
+    found = []
+    for e in sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
+                    key=lambda e: [str(p) for p in e.path]):
+        path = [str(p) for p in e.path]
+        if e.validator == "required" and isinstance(e.instance, dict):
+            missing = [r for r in e.validator_value if r not in e.instance]
+            path += missing[:1]
+        found.append((".".join(path), e.message))
+    return found
+
+
 def schema_errors(schema: dict[str, Any], data: Any, what: str) -> str | None:
     """What is wrong with `data`, field by field, or None if the schema accepts it."""
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
-                    key=lambda e: list(e.path))
+    errors = field_errors(schema, data)
     if not errors:
         return None
-    return "; ".join(f"{'.'.join(map(str, e.path)) or what}: {e.message}" for e in errors)
+    return "; ".join(f"{field or what}: {message}" for field, message in errors)
 
 
 def normalise(schema: dict[str, Any], data: Any) -> Any:

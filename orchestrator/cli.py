@@ -35,6 +35,7 @@ from rich.table import Table
 
 from . import _graph
 from ._celery import Sweeper, create_app
+from ._cli_console import console_command
 from ._cli_identity import groups_of, identity_commands
 from ._cli_schedules import schedules_group
 from ._client import Client
@@ -855,6 +856,7 @@ def _report(handle: RunHandle, as_json: bool) -> None:
 
 
 cli.add_command(dev)
+cli.add_command(console_command(_guard, BadInput))
 cli.add_command(schedules_group(_guard, _t, parse_input))
 for _command in identity_commands(_guard, _t):
     cli.add_command(_command)
