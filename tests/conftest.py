@@ -220,6 +220,22 @@ class Cluster:
         self.wait_ready(proc)
         return proc
 
+    def console(self, *extra: str) -> tuple[Process, str]:
+        """`orchestrator console` on a free loopback port: (process, its base URL)."""
+        port = free_port()
+        argv = [sys.executable, "-m", "orchestrator.cli", "console", "--port", str(port),
+                "--log-level", "warning", *extra]
+        proc = Process(f"console{port}", argv, self.env, self.tmp / f"console{port}.log")
+        self.procs.append(proc)
+
+        def up() -> bool:
+            if proc.proc.poll() is not None:
+                raise AssertionError(f"the console exited:\n{proc.tail()}")
+            return answers(port)
+
+        wait_for(up, 60, 0.1, what="the console to answer")
+        return proc, f"http://127.0.0.1:{port}"
+
     def wait_ready(self, proc: Process, timeout: float = 60) -> None:
         def ready() -> bool:
             if proc.proc.poll() is not None:
