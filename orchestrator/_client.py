@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery
@@ -170,11 +171,17 @@ class Client:
         return sorted(found, key=lambda r: r.created_at, reverse=True)[:limit]
 
     @unavailable_as_store_error
-    def gates(self, approver: str | None = None) -> list[RunRecord]:
-        found: list[RunRecord] = []
+    def gates(self, approver: str | None = None,
+              groups: Iterable[str] = ()) -> list[RunRecord]:
+        """Runs waiting at a gate, the longest waiting first: every one, or those `approver`
+        may decide, listed by name or as `group:<g>` for one of `groups`."""
+        names = [None] if approver is None else [approver, *(f"group:{g}" for g in groups)]
+        found: dict[str, RunRecord] = {}
         for prefix in self._prefixes():
-            found += self.runtime.store_for(prefix).pending_gates(approver)
-        return sorted(found, key=lambda r: r.gate.opened_at if r.gate else 0)
+            for name in names:
+                for record in self.runtime.store_for(prefix).pending_gates(name):
+                    found.setdefault(record.run_id, record)
+        return sorted(found.values(), key=lambda r: r.gate.opened_at if r.gate else 0)
 
     def _prefixes(self, workflow: str | None = None) -> list[str]:
         entries = [self.workflow(workflow)] if workflow else self.workflows()

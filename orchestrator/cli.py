@@ -738,13 +738,15 @@ def watch(settings: Settings, run_id: str, timeout: float | None, as_json: bool)
 
 
 @cli.command()
-@click.option("--approver", default=None, help="Only gates this user may decide.")
+@click.option("--approver", default=None,
+              help="Only gates this user may decide (by name, or by a group of theirs).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @_guard
 def gates(settings: Settings, approver: str | None, as_json: bool) -> None:
     """Pending approvals."""
-    records = _client(settings).gates(approver)
+    groups = groups_of(settings, approver) if approver else ()
+    records = _client(settings).gates(approver, groups)
     rows: list[dict[str, Any]] = [{"run_id": r.run_id, "workflow": r.workflow, "step": r.gate.step,
              "approvers": r.gate.approvers, "min_approvals": r.gate.min_approvals,
              "approvals": [a.by for a in r.gate.approvals], "prompt": r.gate.prompt,

@@ -135,6 +135,13 @@ def test_verify_from_the_cli_after_an_approval_by_a_group_member(
 
     _add(redis_url, "alice", "--group", "ops")
     _add(redis_url, "bob", "--group", "dev")
+
+    def listed_for(user: str) -> list[str]:
+        rows = json.loads(cli(redis_url, "gates", "--approver", user, "--json").stdout)
+        return [r["run_id"] for r in rows]
+
+    assert listed_for("alice") == [run_id]  # by her group
+    assert listed_for("bob") == []
     assert cli(redis_url, "approve", run_id, "--as", "bob", check=False,
                **env).returncode == 4
     cli(redis_url, "approve", run_id, "--as", "alice", "--comment", "ok", **env)
