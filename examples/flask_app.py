@@ -5,11 +5,14 @@ workflow code: it only knows the workflow's name from the catalog.
     curl -XPOST localhost:5000/deploys -H 'content-type: application/json' \\
          -d '{"repo": "acme/app", "environment": "production"}'
     curl localhost:5000/deploys/<run_id>
-    curl -XPOST localhost:5000/deploys/<run_id>/approve -d '{"as": "ops-lead"}' ...
+    curl -XPOST localhost:5000/deploys/<run_id>/approve -d '{"comment": "ship it"}' ...
 
-Every error is JSON: 404 no such deploy, 422 a body that is not what the endpoint takes,
-403 not an approver, 409 a decision on a run no longer waiting for one, 503 no live worker
-or Redis unreachable.
+Who approves is the user the app authenticated (`REMOTE_USER`, as a front server or an
+auth middleware sets it), never a name in the request's body: anyone can type a name.
+
+Every error is JSON: 401 nobody signed in, 404 no such deploy, 422 a body that is not what
+the endpoint takes, 403 not an approver, 409 a decision on a run no longer waiting for one,
+503 no live worker or Redis unreachable.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ from orchestrator import (
 
 WORKFLOW = "BuildAndDeploy"
 
+class Unauthenticated(Exception):
+    """No signed-in user where one must decide."""
+
+
 # Flask picks the handler of the nearest class in an exception's MRO, so order is free.
 ERRORS: dict[type[Exception], int] = {
+    Unauthenticated: 401,
     RunNotFound: 404,
     InvalidInput: 422,
     PermissionError: 403,  # the engine's "not an approver of this gate"
@@ -57,9 +65,14 @@ def create_app(client: Client | None = None) -> Flask:
             raise InvalidInput("the body must be a JSON object")
         return data
 
+    def signed_in() -> str:
+        if not request.remote_user:
+            raise Unauthenticated("sign in first: the approver is the signed-in user")
+        return request.remote_user
+
     @app.post("/deploys")
     def start() -> Any:
-        run = orchestrator.start(WORKFLOW, body())
+        run = orchestrator.start(WORKFLOW, body(), by=request.remote_user)
         return jsonify(run_id=run.run_id), 202
 
     @app.get("/deploys/<run_id>")
@@ -71,12 +84,12 @@ def create_app(client: Client | None = None) -> Flask:
 
     @app.post("/deploys/<run_id>/approve")
     def approve(run_id: str) -> Any:
-        decision = body()
-        who = decision.get("as")
-        if not isinstance(who, str) or not who:
-            raise InvalidInput('say who approves: {"as": "<user>"}')
+        who = signed_in()
+        comment = body().get("comment")
+        if comment is not None and not isinstance(comment, str):
+            raise InvalidInput("comment must be a string")
         run = orchestrator.attach(run_id, WORKFLOW)
-        run.approve(by=who, comment=decision.get("comment"))
+        run.approve(by=who, comment=comment)
         return jsonify(run_id=run.run_id), 200
 
     return app

@@ -28,16 +28,28 @@ def test_flask_app_enqueues_and_reads_status(cluster: Cluster, redis_url: str) -
     waiting = wait_for(lambda: (r := http.get(f"/deploys/{run_id}").get_json())["status"]
                        == "waiting" and r, 60, what="the gate")
     assert waiting["gate"]["approvers"] == ["ops-lead"] and waiting["step"] == "Deploy"
-    assert "as" in _error(http.post(f"/deploys/{run_id}/approve", json={}), 422)
-    assert "as" in _error(http.post(f"/deploys/{run_id}/approve", json={"as": 7}), 422)
-    _error(http.post(f"/deploys/{run_id}/approve", json={"as": "intern"}), 403)
-    assert http.post(f"/deploys/{run_id}/approve", json={"as": "ops-lead"}).status_code == 200
+    approve = f"/deploys/{run_id}/approve"
+
+    def as_user(name: str) -> dict[str, Any]:
+        return {"environ_overrides": {"REMOTE_USER": name}}
+
+    # The body cannot name the approver: only the signed-in user counts.
+    assert "sign in" in _error(http.post(approve, json={"as": "ops-lead"}), 401)
+    assert "comment" in _error(http.post(approve, json={"comment": 7}, **as_user("ops-lead")),
+                               422)
+    _error(http.post(approve, json={"as": "ops-lead"}, **as_user("intern")), 403)
+    assert http.post(approve, json={"comment": "ship it"},
+                     **as_user("ops-lead")).status_code == 200
     done = wait_for(lambda: (r := http.get(f"/deploys/{run_id}").get_json())["status"]
                     == "completed" and r, 60, what="the deploy to finish")
     assert done["state"]["released"] is True
-    _error(http.post(f"/deploys/{run_id}/approve", json={"as": "ops-lead"}), 409)
+    approved = next(e for e in Client(redis_url).attach(run_id).history()
+                    if e["event"] == "gate_approved")
+    assert (approved["by"], approved["comment"]) == ("ops-lead", "ship it")
+    _error(http.post(approve, json={}, **as_user("ops-lead")), 409)
     _error(http.get("/deploys/nope"), 404)
-    assert "nope" in _error(http.post("/deploys/nope/approve", json={"as": "ops-lead"}), 404)
+    assert "nope" in _error(http.post("/deploys/nope/approve", json={}, **as_user("ops-lead")),
+                            404)
 
 
 def test_flask_app_without_redis_answers_503() -> None:
