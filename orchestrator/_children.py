@@ -73,6 +73,11 @@ class ChildRuns:
     def exists(self, key_prefix: str, run_id: str) -> bool:
         return self.store_for(key_prefix).load(run_id).record is not None
 
+    def ended(self, key_prefix: str, run_id: str) -> bool:
+        """The run has ended, or is gone (never started, or its retention ended)."""
+        record = self.store_for(key_prefix).load(run_id).record
+        return record is None or record.status.is_terminal
+
     def carry_out(self, store: RunStore, command: engine.Command) -> None:
         try:
             if isinstance(command, engine.StartChild):

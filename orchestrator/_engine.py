@@ -17,6 +17,7 @@ from ._records import (
     BranchResult,
     BranchState,
     ChildCall,
+    ChildStop,
     EventWait,
     FlowSpec,
     Fork,
@@ -281,6 +282,7 @@ class Tick:
     branch_results: dict[str, BranchResult] = field(default_factory=dict)
     queued: frozenset[str] = frozenset()  # leases whose message still waits in its queue
     children_seen: frozenset[str] = frozenset()  # child runs whose record exists
+    children_ended: frozenset[str] = frozenset()  # of those it stops: ended, or gone
 
 
 Event = (StepDone | StepFailed | Checkpoint | Pause | Resume | Stop | Decide | Join | Tick
@@ -409,9 +411,10 @@ def apply(record: RunRecord, event: Event, spec: FlowSpec | None = None) -> Deci
 def next_due(rec: RunRecord, redispatch_after: float, join_after: float) -> float | None:
     """When the sweep must next look at this run if nothing else happens (None: never)."""
     if rec.status.is_terminal:
-        # Until the parent has heard that this child ended, the sweep tells it again.
+        # Until the parent has heard that this child ended, the sweep tells it again; and
+        # until the children it stopped have ended, the sweep stops them again.
         unheard = rec.parent is not None and not rec.parent.notified
-        return rec.updated_at + join_after if unheard else None
+        return rec.updated_at + join_after if unheard or rec.stopping else None
     times: list[float] = []
     if rec.gate is not None and rec.gate.timeout_at is not None:
         times.append(rec.gate.timeout_at)
@@ -854,11 +857,14 @@ def _on_join(rec: RunRecord, ev: Join, spec: FlowSpec | None) -> Decision:
 
 def _on_tick(rec: RunRecord, ev: Tick, spec: FlowSpec | None) -> Decision:
     if rec.status.is_terminal:
-        if rec.parent is not None and not rec.parent.notified:
-            d = Decision(rec)
-            _notify_parent(d)
-            return d
-        return _ignore("finished")
+        d = Decision(rec)
+        _notify_parent(d)
+        ended = [c for c in rec.stopping if c.run_id in ev.children_ended]
+        rec.stopping = [c for c in rec.stopping if c.run_id not in ev.children_ended]
+        for c in rec.stopping:
+            _log(d, ev.now, "child_stop_redriven", child=c.run_id)
+            d.commands.append(StopChild(c.run_id, c.key_prefix, c.reason))
+        return d if (d.commands or ended) else _ignore("finished")
     d = Decision(rec)
     if _wake_due(d, ev.now) is not None:
         return d
@@ -1107,6 +1113,8 @@ def _stop_children(d: Decision, reason: str) -> None:
     if rec.fork is not None:
         calls += [b.child for b in rec.fork.leaves().values() if b.child is not None]
     d.commands += [StopChild(c.run_id, c.key_prefix, reason) for c in calls]
+    rec.stopping = [ChildStop(run_id=c.run_id, key_prefix=c.key_prefix, reason=reason)
+                    for c in calls]
 
 
 def _notify_parent(d: Decision) -> None:

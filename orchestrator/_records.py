@@ -291,6 +291,16 @@ class ParentLink(BaseModel):
     notified: bool = False  # the parent has been told this run ended
 
 
+class ChildStop(BaseModel):
+    """A child this run asked to stop, until the sweep sees it ended: the stop is sent
+    after the commit that decided it, and a process that dies in between must not leave
+    the child running."""
+
+    run_id: str
+    key_prefix: str
+    reason: str
+
+
 class RunRecord(BaseModel):
     run_id: str
     workflow: str
@@ -312,6 +322,7 @@ class RunRecord(BaseModel):
     event_steps: dict[str, str] = Field(default_factory=dict)  # step -> event it took
     child: ChildCall | None = None
     parent: ParentLink | None = None
+    stopping: list[ChildStop] = Field(default_factory=list)
     output: Any = None
     error: RunError | None = None
     created_at: float

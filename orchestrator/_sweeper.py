@@ -116,7 +116,7 @@ class Sweeper:
                              and queues.busy(queues.queue_of(rec, t)))
             return engine.Tick(now, live, busy, s.redispatch_after, s.join_after,
                                float(s.visibility_timeout), results, queued,
-                               self._children_seen(rec))
+                               self._children_seen(rec), self._children_ended(rec))
 
         try:
             d = self.committer.apply(store, run_id, tick, loaded=loaded)
@@ -138,3 +138,12 @@ class Sweeper:
             return frozenset()
         return frozenset(c.run_id for c in engine.pending_children(rec)
                          if children.exists(c.key_prefix, c.run_id))
+
+    def _children_ended(self, rec: RunRecord) -> frozenset[str]:
+        """The children this run stopped that have ended since (all of them where no
+        child runner is plugged in: nothing could stop them again)."""
+        children = self.committer.children
+        if children is None:
+            return frozenset(c.run_id for c in rec.stopping)
+        return frozenset(c.run_id for c in rec.stopping
+                         if children.ended(c.key_prefix, c.run_id))

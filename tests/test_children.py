@@ -115,6 +115,35 @@ def test_a_repeated_start_of_the_child_starts_it_once(
     assert len([e for e in flows.events(rclient, kid) if e["what"] == "child ran"]) == 1
 
 
+def test_a_stop_lost_with_its_process_is_sent_again_by_the_sweep(
+        cluster_factory: Callable[..., Cluster], rclient: redis.Redis) -> None:
+    """The parent's stop commits, then its process dies before the child is told: a
+    coordinator's sweep stops the child, and the parent stops asking once it has ended."""
+    c = cluster_factory()
+    c.coordinator("coord")
+    c.worker("w1", 2)
+    parent = WorkflowRunner(flows.parenting, app=c.app).run({"x": 3, "hold": True},
+                                                           run_id="lost-stop")
+    kid = child_run_id("lost-stop", 2)
+    wait_for(lambda: any(e["what"] == "child ran" for e in flows.events(rclient, kid)), 60,
+             what="the child's step to run")
+    children = c.app.runtime.children
+    children.carry_out = lambda store, command: None  # type: ignore[method-assign]
+    try:  # this process "dies" right after the stop's commit
+        parent.stop("lost")
+    finally:
+        del children.carry_out
+    assert [s.run_id for s in parent.record().stopping] == [kid]
+    assert _child(c, kid).status() is RunStatus.RUNNING
+    wait_for(lambda: _child(c, kid).status() is RunStatus.STOPPED, 30,
+             what="the sweep to stop the child")
+    assert _history(parent, "child_stop_redriven")
+    wait_for(lambda: not parent.record().stopping, 30,
+             what="the parent to see its child ended")
+    assert parent.status() is RunStatus.STOPPED
+    rclient.set(f"t:{kid}:go", 1)  # free the worker; its late result is ignored
+
+
 def test_a_fork_fans_out_over_child_runs(cluster: Cluster) -> None:
     runner = WorkflowRunner(flows.fan_children, app=cluster.app)
     result = runner.run({"items": [1, 2, 3, 4]}, run_id="fan1").result(timeout=90)
