@@ -21,6 +21,7 @@ import redis
 from . import _engine as engine
 from ._client import _checked, normalise
 from ._engine import ControlError
+from ._outage import OutageLog
 from ._runtime import RunNotFound, Runtime, UnknownWorkflow
 from ._schedule_rules import Overlap, is_due, plan, run_id_for
 from ._schedules import Schedule, ScheduleStore, Stored
@@ -39,22 +40,12 @@ class ScheduleFirer:
         self.redis = client
         s = runtime.settings
         self.store = ScheduleStore(client, s.key_prefix, redact(s.redis_url))
-        self._failures = 0
+        self._outage = OutageLog("schedules", log)
 
     def fire_due(self, now: float | None = None) -> int:
         """One pass over every schedule (at Redis's time unless `now` is given). Returns how
         many runs it started. An outage is logged once, and so is the end of it."""
-        try:
-            started = self._pass(now)
-        except StoreUnavailable as exc:
-            self._failures += 1
-            if self._failures == 1:
-                log.warning("schedules paused: %s", exc)
-            return 0
-        if self._failures:
-            log.warning("schedules resumed after %d failed pass(es)", self._failures)
-            self._failures = 0
-        return started
+        return self._outage.run(lambda: self._pass(now))
 
     def _pass(self, now: float | None) -> int:
         schedules = self.store.all()

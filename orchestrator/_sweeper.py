@@ -15,6 +15,7 @@ from collections.abc import Callable
 from . import _engine as engine
 from ._committer import Committer
 from ._dispatch.base import Dispatcher
+from ._outage import OutageLog
 from ._records import RunRecord, Task
 from ._stores import CorruptRecord, RunStore, StoreUnavailable
 
@@ -53,7 +54,7 @@ class Sweeper:
     def __init__(self, committer: Committer, hosts: Callable[[str], bool]) -> None:
         self.committer = committer
         self._hosts = hosts
-        self._failures = 0
+        self._outage = OutageLog("sweep", log)
         self.saturated = False  # the last pass claimed a full batch: more is due at once
 
     def sweep(self, store: RunStore, limit: int | None = None) -> int:
@@ -80,17 +81,7 @@ class Sweeper:
     def sweep_all(self, stores: list[RunStore]) -> int:
         """Sweep every store; an outage is logged once as one line, and so is the end of it."""
         self.saturated = False
-        try:
-            changed = sum(self.sweep(store) for store in stores)
-        except StoreUnavailable as exc:
-            self._failures += 1
-            if self._failures == 1:
-                log.warning("sweep paused: %s", exc)
-            return 0
-        if self._failures:
-            log.warning("sweep resumed after %d failed pass(es)", self._failures)
-            self._failures = 0
-        return changed
+        return self._outage.run(lambda: sum(self.sweep(store) for store in stores))
 
     def _tick(self, store: RunStore, run_id: str, queues: QueueView) -> int:
         s = self.committer.settings
