@@ -34,7 +34,7 @@ from ._service import Conflict, Forbidden, Identity, Invalid, NotFound, Operatio
 
 PAGE_SIZE = 25
 MAX_COMMENT = 2000
-TIMELINE_LIMIT = 500  # newest entries a run page shows; the API has them all
+TIMELINE_LIMIT = 300  # newest entries a run page shows; the API has them all
 LOGIN_CSRF_TTL = 3600
 NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "pause": "Paused.",
            "resume": "Resumed.", "stop": "Stopped."}
@@ -53,6 +53,7 @@ def _environment() -> Environment:
                       lstrip_blocks=True)
     env.filters["when"] = _views.when
     env.filters["pretty"] = _views.pretty
+    env.filters["by_queue"] = _views.by_queue
     env.filters["urlquote"] = lambda s: quote(str(s), safe="")
     return env
 

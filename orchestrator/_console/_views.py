@@ -15,7 +15,7 @@ from typing import Any
 from .._definition import END, START
 from .._records import RunRecord, RunStatus
 
-__all__ = ["FormField", "Graph", "TimelineRow", "form_fields", "layout", "parse_form",
+__all__ = ["FormField", "Graph", "TimelineRow", "by_queue", "form_fields", "layout", "parse_form",
            "pretty", "timeline", "when"]
 
 
@@ -30,6 +30,14 @@ def when(ts: float | None, with_date: bool = True) -> str:
     moment = datetime.fromtimestamp(ts, UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC" if with_date else "%H:%M:%S.%f")[
         : None if with_date else -3]
+
+
+def by_queue(queues: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """Step -> queue, turned around: each queue with the steps sent to it."""
+    grouped: dict[str, list[str]] = {}
+    for step, queue in queues.items():
+        grouped.setdefault(queue, []).append("start" if step == START else step)
+    return sorted(grouped.items())
 
 
 def took(seconds: float | None) -> str:
@@ -205,6 +213,10 @@ def _place(nodes: dict[str, Node]) -> tuple[float, float]:
 
 def _edge(a: Node, b: Node, back: bool, height: float) -> Edge:
     mark = "done" if a.mark == "done" and b.mark != "pending" else "pending"
+    if a is b:  # a step that may go to itself: a loop under its box
+        left, right, low = a.x + a.w * 0.3, a.x + a.w * 0.7, a.y + a.h + 28
+        return Edge(f"M{right:.0f},{a.y + a.h:.0f} C{right + 12:.0f},{low:.0f} "
+                    f"{left - 12:.0f},{low:.0f} {left:.0f},{a.y + a.h + 4:.0f}", mark, back=True)
     if back or b.rank <= a.rank:
         low = height + 20
         path = (f"M{a.cx:.0f},{a.y + a.h:.0f} C{a.cx:.0f},{low:.0f} {b.cx:.0f},{low:.0f} "
@@ -334,7 +346,7 @@ def _row(i: int, entry: dict[str, Any], event: str, step: str, at: float,
     attempt = entry.get("attempt")
     return TimelineRow(
         n=int(entry.get("n", i)), at=when(at, with_date=False), event=event,
-        step="" if where == START else where, duration=took(duration),
+        step="start" if where == START else where, duration=took(duration),
         attempt=attempt if isinstance(attempt, int) else None,
         by=str(entry.get("by") or ""), source=str(entry.get("source") or ""),
         said=str(entry.get("comment") or entry.get("reason") or ""), details=details,

@@ -18,12 +18,19 @@
   const run = document.querySelector("[data-live-url]");
   let timer = null;
 
+  // A scrolled list (the timeline) keeps showing its newest entries if it was showing them.
+  function atEnd(el) {
+    return el.scrollHeight - el.scrollTop - el.clientHeight < 40;
+  }
+
   function apply(doc) {
     Object.entries(doc.parts || {}).forEach(function ([name, part]) {
       const el = document.querySelector('[data-part="' + name + '"]');
       if (el && el.dataset.version !== part.version) {
+        const following = atEnd(el);
         el.innerHTML = part.html; // rendered and escaped by the server's templates
         el.dataset.version = part.version;
+        if (following) el.scrollTop = el.scrollHeight;
       }
     });
     run.dataset.status = doc.status;
@@ -56,7 +63,11 @@
     poll();
   }
 
-  if (run && run.dataset.terminal !== "yes") timer = setTimeout(poll, POLL_MS);
+  if (run && run.dataset.terminal !== "yes") {
+    const timeline = document.querySelector('[data-part="timeline"]');
+    if (timeline) timeline.scrollTop = timeline.scrollHeight; // a live run: show its latest
+    timer = setTimeout(poll, POLL_MS);
+  }
 
   // Forms marked data-async post with fetch and stay on the page (the live view shows the
   // effect); the server answers JSON when asked for it.
