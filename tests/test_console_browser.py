@@ -141,6 +141,8 @@ def test_ops_lead_approves_from_the_inbox_and_the_page_updates_live(
     until(browser, lambda d: d.find_element(By.ID, "run-status").text == "completed",
           "the run page to turn completed")
     assert browser.execute_script("return window.__kept") == "yes"
+    until(browser, lambda d: not d.find_element(By.ID, "inbox-count").is_displayed(),
+          "the inbox count to drop to nothing")
     assert present(browser, "marker"), "the page was reloaded"
     assert browser.find_element(By.CSS_SELECTOR, '[data-step="__end__"]').get_attribute(
         "data-mark") == "done"
@@ -156,6 +158,9 @@ def test_ops_lead_approves_from_the_inbox_and_the_page_updates_live(
     started = history[0]
     assert (started.get("by"), started.get("source")) == ("ops-lead", "console")
 
+    # A viewport of 1280x1300 (the window is taller by the browser's own chrome).
+    chrome = browser.execute_script("return window.outerHeight - window.innerHeight")
+    browser.set_window_size(1280, 1300 + int(chrome))
     browser.execute_script("window.scrollTo(0, 0)")
     shot = Path(os.environ.get("ORCHESTRATOR_CONSOLE_SCREENSHOT") or tmp_path / "run.png")
     assert browser.save_screenshot(str(shot))

@@ -303,7 +303,7 @@ class Pages:
         parts = self.parts(request, viewer, record)
         return JSONResponse({
             "status": record.status.value, "terminal": record.status.is_terminal,
-            "parts": {name: {"html": str(p["html"]), "version": p["version"]}
+            "inbox": viewer.inbox, "parts": {name: {"html": str(p["html"]), "version": p["version"]}
                       for name, p in parts.items()}},
             headers={"Cache-Control": "no-store"})
 
@@ -330,7 +330,10 @@ class Pages:
         if audit and not audit["ok"] and audit.get("first_bad") is not None:
             bad = next((e for e in history if e.get("n") == audit["first_bad"]), None)
         rows = _views.timeline(history)
+        first = history[0] if history else {}
         return {"viewer": viewer, "record": record,
+                "started_by": first.get("by") if first.get("event") == "started" else None,
+                "started_via": first.get("source"),
                 "graph": _views.layout(shape, record, history) if shape else None,
                 "rows": rows[-TIMELINE_LIMIT:], "hidden_rows": max(0, len(rows) -
                                                                   TIMELINE_LIMIT),

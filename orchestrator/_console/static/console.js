@@ -33,6 +33,11 @@
         if (following) el.scrollTop = el.scrollHeight;
       }
     });
+    const inbox = document.getElementById("inbox-count");
+    if (inbox && typeof doc.inbox === "number") {
+      inbox.textContent = String(doc.inbox);
+      inbox.hidden = doc.inbox === 0;
+    }
     run.dataset.status = doc.status;
     run.dataset.terminal = doc.terminal ? "yes" : "no";
   }
