@@ -223,6 +223,60 @@ def test_a_form_post_without_its_csrf_token_is_refused(cluster: Cluster) -> None
         accepted = web.post(f"/runs/{run_id}/approve",
                             data={"comment": "with token", "csrf": token.group(1)})
         assert accepted.status_code == 303, accepted.text
+        with api(base, tokens["ops-lead"]) as client:
+            wait_for(lambda: status_of(client, run_id) == "completed", DEADLINE,
+                     what="the approved run to complete")
+        # Deciding a gate that is gone is a readable 409, not an error trace.
+        again = web.post(f"/runs/{run_id}/approve", data={"csrf": token.group(1)})
+        assert again.status_code == 409 and "no gate waits" in again.text
+
+
+def test_stop_asks_for_confirmation_and_the_page_follows(cluster: Cluster,
+                                                          browser: WebDriver) -> None:
+    tokens = add_users(cluster, ("ops-lead", "operator"))
+    _, base = cluster.console()
+    with api(base, tokens["ops-lead"]) as client:
+        run_id = start_waiting_run(client)
+    sign_in(browser, base, "ops-lead")
+    browser.get(f"{base}/runs/{run_id}")
+    stop = until(browser, lambda d: d.find_element(By.ID, "stop"), "the stop button")
+    confirm = browser.find_element(By.ID, "confirm-stop")
+    assert not browser.execute_script("return arguments[0].form.checkValidity()", confirm)
+    stop.click()  # unconfirmed: the browser keeps the form to itself
+    assert browser.find_element(By.ID, "run-status").text == "waiting"
+
+    browser.find_element(By.CSS_SELECTOR, ".stop-form input[name=reason]").send_keys("wrong repo")
+    confirm.click()
+    browser.find_element(By.ID, "stop").click()
+    until(browser, lambda d: d.find_element(By.ID, "run-status").text == "stopped",
+          "the run page to show the run stopped")
+    assert not present(browser, "stop") and not present(browser, "approve")
+    with api(base, tokens["ops-lead"]) as client:
+        history = client.get(f"/runs/{run_id}/history").json()["history"]
+    stopped = next(e for e in history if e["event"] == "stopped")
+    assert (stopped["by"], stopped["source"], stopped["reason"]) == (
+        "ops-lead", "console", "wrong repo")
+
+
+def test_a_trusted_proxy_user_gets_a_session_for_their_forms(cluster: Cluster) -> None:
+    tokens = add_users(cluster, ("ops-lead", "operator"))
+    _, base = cluster.console("--trust-header", "X-Forwarded-User",
+                              "--trusted-proxy", "127.0.0.1")
+    with api(base, tokens["ops-lead"]) as client:
+        run_id = start_waiting_run(client)
+    proxied = {"X-Forwarded-User": "ops-lead"}
+    with httpx.Client(base_url=base, timeout=10, headers=proxied) as web:
+        page = web.get(f"/runs/{run_id}")
+        assert page.status_code == 200 and 'id="approve"' in page.text
+        cookie = page.cookies.get("orchestrator_session")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert cookie and token
+        assert "Secure" in page.headers["set-cookie"]  # behind a proxy: served over TLS
+        # The proxy's header alone is not enough to post: the session's token is.
+        assert web.post(f"/runs/{run_id}/approve", data={}).status_code == 403
+        done = web.post(f"/runs/{run_id}/approve", data={"csrf": token.group(1)},
+                        headers={"Cookie": f"orchestrator_session={cookie}"})
+        assert done.status_code == 303, done.text
     with api(base, tokens["ops-lead"]) as client:
         wait_for(lambda: status_of(client, run_id) == "completed", DEADLINE,
                  what="the approved run to complete")
