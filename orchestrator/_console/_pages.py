@@ -54,6 +54,7 @@ def _environment() -> Environment:
     env.filters["when"] = _views.when
     env.filters["pretty"] = _views.pretty
     env.filters["by_queue"] = _views.by_queue
+    env.filters["step"] = _views.step_name
     env.filters["urlquote"] = lambda s: quote(str(s), safe="")
     return env
 

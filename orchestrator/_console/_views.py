@@ -32,6 +32,11 @@ def when(ts: float | None, with_date: bool = True) -> str:
         : None if with_date else -3]
 
 
+def step_name(step: str | None) -> str:
+    """START and END as people read them."""
+    return {START: "start", END: "end"}.get(step or "", step or "")
+
+
 def by_queue(queues: dict[str, str]) -> list[tuple[str, list[str]]]:
     """Step -> queue, turned around: each queue with the steps sent to it."""
     grouped: dict[str, list[str]] = {}
