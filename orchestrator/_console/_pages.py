@@ -38,6 +38,8 @@ TIMELINE_LIMIT = 300  # newest entries a run page shows; the API has them all
 LOGIN_CSRF_TTL = 3600
 NOTICES = {"approved": "Approved.", "rejected": "Rejected.", "pause": "Paused.",
            "resume": "Resumed.", "stop": "Stopped."}
+ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (Forbidden, 403), (NotFound, 404), (Conflict, 409), (Invalid, 422), (StoreUnavailable, 503))
 LIVE_PARTS = ("summary", "actions", "gate", "error", "audit", "graph", "timeline", "data")
 
 __all__ = ["build_pages"]
@@ -124,8 +126,7 @@ class Pages:
                 return JSONResponse({"error": "sign in"}, status_code=401)
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse("/login?" + urlencode({"next": target}), 303)
-        status = {Forbidden: 403, NotFound: 404, Conflict: 409, Invalid: 422,
-                  StoreUnavailable: 503}.get(type(exc))
+        status = next((code for kind, code in ERRORS if isinstance(exc, kind)), None)
         if status is None:
             raise exc
         message = str(exc) if status != 503 else f"The store is unreachable: {exc}"
