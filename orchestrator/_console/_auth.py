@@ -149,9 +149,9 @@ class Auth:
         return request.cookies.get(LOGIN_CSRF_COOKIE)
 
     def csrf_ok(self, request: Request, presented: str | None) -> bool:
-        """A state-changing console request carries its session's token (a trusted-proxy
-        user has no session: the proxy's own cookie must not be enough, so such users get
-        a session too, see `ensure_session`)."""
+        """A state-changing console request carries its session's token. A trusted-proxy
+        user is given a session on their first page (the pages open it), so the proxy's
+        own cookie is never enough to post."""
         expected = self.csrf_token(request)
         return bool(expected and presented and hmac.compare_digest(expected, presented))
 
