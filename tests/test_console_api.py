@@ -234,6 +234,11 @@ def test_group_approvers_and_each_callers_gates_oldest_first(env: Env) -> None:
                     if g["run_id"].startswith("inbox-")]
 
     assert inbox("alice") == [g1, g3, g5]
+    with env.as_("alice") as alice:
+        first = alice.get("/gates", params={"limit": 1}).json()
+        assert [g["run_id"] for g in first["gates"]] == [g1]
+        assert first["total"] == 3
+        assert alice.get("/gates", params={"limit": 0}).status_code == 422
     assert inbox("ops-lead") == [g2]
     assert inbox("bob") == [g4]
     assert inbox("vera") == []  # in group ops, but viewers decide nothing
@@ -413,7 +418,7 @@ def test_with_no_users_reads_are_open_and_writes_say_how_to_add_one(bare: Cluste
         runs = anonymous.get("/runs")
         assert runs.status_code == 200 and runs.json()["runs"] == []
         assert anonymous.get("/workflows").status_code == 200
-        assert anonymous.get("/gates").json() == {"gates": []}
+        assert anonymous.get("/gates").json() == {"gates": [], "total": 0}
         for path, body in (("/runs", {"workflow": "Gated"}), ("/runs/x/approve", {}),
                            ("/runs/x/stop", {})):
             response = anonymous.post(path, json=body)

@@ -9,6 +9,7 @@ or a request body.
 from __future__ import annotations
 
 import heapq
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,19 @@ from .._runner import RunHandle
 from .._runtime import RunNotFound, UnknownWorkflow
 from .._steward import CatalogEntry
 from .._stores import RedisStore
-from .._stores.base import RunPage, check_limit, decode_cursor, encode_cursor
+from .._stores.base import (
+    CorruptRecord,
+    RunPage,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    parse_record,
+)
 
 SOURCES = ("console", "api")
 CONTROLS = ("pause", "resume", "stop")
 
-__all__ = ["CONTROLS", "Conflict", "Forbidden", "Identity", "Invalid", "NotFound",
+__all__ = ["CONTROLS", "Conflict", "Forbidden", "Identity", "Inbox", "Invalid", "NotFound",
            "Operations"]
 
 
@@ -60,6 +68,12 @@ class Identity:
     @property
     def name(self) -> str:
         return self.user.name
+
+
+@dataclass(frozen=True)
+class Inbox:
+    records: list[RunRecord]
+    total: int  # gates the caller may decide, shown or not
 
 
 @dataclass(frozen=True)
@@ -165,15 +179,37 @@ class Operations:
         verdict = store.audit(handle.run_id, key)
         return None if verdict is None else verdict.as_dict()
 
-    def inbox(self, who: Identity | None) -> list[RunRecord]:
-        """Gates `who` may decide, the longest waiting first."""
+    def inbox(self, who: Identity | None, limit: int | None = None) -> list[RunRecord]:
+        """Gates `who` may decide, the longest waiting first (the first `limit`)."""
+        return self.inbox_page(who, limit).records
+
+    def inbox_page(self, who: Identity | None, limit: int | None = None) -> Inbox:
+        """Gates `who` may decide, the longest waiting first: the first `limit` (all for
+        None) and how many there are. In Redis only the records shown are parsed: the
+        order comes from each candidate's gate.opened_at, read from its JSON (parsing
+        every waiting record took 390 ms for 5,000 gates)."""
         if who is None or not who.user.may("operator"):
-            return []
-        seen: dict[str, RunRecord] = {}
-        for name in sorted(_listed_as(who.user)):
-            for record in self.client.gates(name):
-                seen.setdefault(record.run_id, record)
-        return sorted(seen.values(), key=lambda r: r.gate.opened_at if r.gate else 0)
+            return Inbox([], 0)
+        names = sorted(_listed_as(who.user))
+        waiting: dict[str, tuple[float, str, Any]] = {}  # run id -> (opened, id, loader)
+        for store in self._stores():
+            if isinstance(store, RedisStore):
+                for run_id, opened, doc in _gate_docs(store, names):
+                    waiting.setdefault(run_id, (opened, run_id, (run_id, doc)))
+            else:
+                for name in names:
+                    for record in store.pending_gates(name):
+                        opened = record.gate.opened_at if record.gate else 0.0
+                        waiting.setdefault(record.run_id, (opened, record.run_id, record))
+        ordered = sorted(waiting.values(), key=lambda w: (w[0], w[1]))
+        shown: list[RunRecord] = []
+        for _, _, found in ordered:
+            if limit is not None and len(shown) >= limit:
+                break
+            record = found if isinstance(found, RunRecord) else _parsed(*found)
+            if record is not None and record.gate is not None:
+                shown.append(record)
+        return Inbox(shown, len(ordered))
 
     # ---- writes -----------------------------------------------------------------------------
 
@@ -247,6 +283,36 @@ class Operations:
 
 def _listed_as(user: User) -> set[str]:
     return {user.name, *(f"group:{g}" for g in user.groups)}
+
+
+def _gate_docs(store: RedisStore, names: list[str]) -> list[tuple[str, float, bytes]]:
+    """(run id, when its gate opened, its record) of the runs waiting for any of `names`
+    in `store`, read in two round trips; records that went meanwhile are left out."""
+    pipe = store.redis.pipeline(transaction=False)
+    for name in names:
+        pipe.smembers(store._idx(f"gates:{name}"))
+    ids = sorted({i.decode() if isinstance(i, bytes) else str(i)
+                  for members in pipe.execute() for i in members})
+    pipe = store.redis.pipeline(transaction=False)
+    for run_id in ids:
+        pipe.hget(store._rec(run_id), "doc")
+    found = []
+    for run_id, doc in zip(ids, pipe.execute(), strict=True):
+        if doc is None:
+            continue
+        try:
+            opened = float((json.loads(doc).get("gate") or {})["opened_at"])
+        except (ValueError, KeyError, TypeError):
+            continue  # closed meanwhile, or unreadable (the sweep quarantines those)
+        found.append((run_id, opened, doc))
+    return found
+
+
+def _parsed(run_id: str, doc: bytes) -> RunRecord | None:
+    try:
+        return parse_record(run_id, doc)
+    except CorruptRecord:
+        return None
 
 
 class _desc(str):  # a sort key: run ids in descending order, as Redis orders ties
