@@ -216,9 +216,13 @@ def build_api(ops: Operations, auth: Auth) -> FastAPI:
         return detail(ops, who, ops.control(who, run_id, "stop", body.reason if body else None))
 
     @api.get("/gates")
-    def gates(who: Reader) -> dict[str, Any]:
-        """The gates the caller may decide, the longest waiting first."""
+    def gates(who: Reader,
+              limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
+        """The gates the caller may decide, the longest waiting first: the first `limit`,
+        and `total`, how many there are."""
+        inbox = ops.inbox_page(who, limit)
         return {"gates": [summary(r) | {"gate": r.gate.model_dump(mode="json") if r.gate
-                                        else None} for r in ops.inbox(who)]}
+                                        else None} for r in inbox.records],
+                "total": inbox.total}
 
     return api

@@ -8,7 +8,9 @@ or a request body.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +22,19 @@ from .._runner import RunHandle
 from .._runtime import RunNotFound, UnknownWorkflow
 from .._steward import CatalogEntry
 from .._stores import RedisStore
-from .._stores.base import RunPage, check_limit, decode_cursor, encode_cursor
+from .._stores.base import (
+    CorruptRecord,
+    RunPage,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    parse_record,
+)
 
 SOURCES = ("console", "api")
 CONTROLS = ("pause", "resume", "stop")
 
-__all__ = ["CONTROLS", "Conflict", "Forbidden", "Identity", "Invalid", "NotFound",
+__all__ = ["CONTROLS", "Conflict", "Forbidden", "Identity", "Inbox", "Invalid", "NotFound",
            "Operations"]
 
 
@@ -60,6 +69,12 @@ class Identity:
     @property
     def name(self) -> str:
         return self.user.name
+
+
+@dataclass(frozen=True)
+class Inbox:
+    records: list[RunRecord]
+    total: int  # gates the caller may decide, shown or not
 
 
 @dataclass(frozen=True)
@@ -165,15 +180,42 @@ class Operations:
         verdict = store.audit(handle.run_id, key)
         return None if verdict is None else verdict.as_dict()
 
-    def inbox(self, who: Identity | None) -> list[RunRecord]:
-        """Gates `who` may decide, the longest waiting first."""
+    def inbox(self, who: Identity | None, limit: int | None = None) -> list[RunRecord]:
+        """Gates `who` may decide, the longest waiting first (the first `limit`)."""
+        return self.inbox_page(who, limit).records
+
+    def inbox_page(self, who: Identity | None, limit: int | None = None) -> Inbox:
+        """Gates `who` may decide, the longest waiting first: the first `limit` (all for
+        None) and how many there are. In Redis the order comes from the gate-wait indexes
+        (run id -> gate.opened_at) and only the records shown are read and parsed:
+        parsing every waiting record took 390 ms a request at 5,000 gates."""
         if who is None or not who.user.may("operator"):
-            return []
-        seen: dict[str, RunRecord] = {}
-        for name in sorted(_listed_as(who.user)):
-            for record in self.client.gates(name):
-                seen.setdefault(record.run_id, record)
-        return sorted(seen.values(), key=lambda r: r.gate.opened_at if r.gate else 0)
+            return Inbox([], 0)
+        names = sorted(_listed_as(who.user))
+        workflows: dict[str, set[str]] = {}
+        for entry in self.client.workflows():
+            workflows.setdefault(entry.key_prefix, set()).add(entry.name)
+        waiting: dict[str, tuple[float, str, Any]] = {}  # run id -> (opened, id, store|record)
+        for store in self._stores():
+            if isinstance(store, RedisStore):
+                for opened, run_id in _gate_order(store, names,
+                                                  workflows.get(store.key_prefix, set())):
+                    waiting.setdefault(run_id, (opened, run_id, store))
+            else:
+                for name in names:
+                    for record in store.pending_gates(name):
+                        opened = record.gate.opened_at if record.gate else 0.0
+                        waiting.setdefault(record.run_id, (opened, record.run_id, record))
+        ordered = sorted(waiting.values(), key=lambda w: (w[0], w[1]))
+        shown: list[RunRecord] = []
+        at, chunk = 0, max(limit or len(ordered), 1)
+        while at < len(ordered) and (limit is None or len(shown) < limit):
+            batch = ordered[at:at + chunk]
+            at += chunk
+            for record in _records([(run_id, found) for _, run_id, found in batch]):
+                if record is not None and record.gate is not None:
+                    shown.append(record)
+        return Inbox(shown[:limit] if limit is not None else shown, len(ordered))
 
     # ---- writes -----------------------------------------------------------------------------
 
@@ -247,6 +289,65 @@ class Operations:
 
 def _listed_as(user: User) -> set[str]:
     return {user.name, *(f"group:{g}" for g in user.groups)}
+
+
+def _gate_order(store: RedisStore, names: list[str],
+                workflows: set[str]) -> list[tuple[float, str]]:
+    """(when its gate opened, run id) of the runs in `store` waiting for any of `names`:
+    the members of the approvers' gate sets, scored from the gate-wait index of each
+    workflow kept there (a run no such index holds: from its record)."""
+    pipe = store.redis.pipeline(transaction=False)
+    for name in names:
+        pipe.smembers(store._idx(f"gates:{name}"))
+    ids = sorted({_str(i) for members in pipe.execute() for i in members})
+    if not ids:
+        return []
+    wfs = sorted(workflows)
+    pipe = store.redis.pipeline(transaction=False)
+    for wf in wfs:
+        pipe.zmscore(store._waits(wf, "gate"), ids)
+    scores = pipe.execute() if wfs else []
+    order, unscored = [], []
+    for i, run_id in enumerate(ids):
+        found = [float(s[i]) for s in scores if s[i] is not None]
+        if found:
+            order.append((min(found), run_id))
+        else:
+            unscored.append(run_id)
+    if unscored:
+        pipe = store.redis.pipeline(transaction=False)
+        for run_id in unscored:
+            pipe.hget(store._rec(run_id), "doc")
+        for run_id, doc in zip(unscored, pipe.execute(), strict=True):
+            try:
+                order.append((float(json.loads(doc)["gate"]["opened_at"]), run_id))
+            except (ValueError, KeyError, TypeError):
+                continue  # gone or closed meanwhile, or unreadable (the sweep quarantines)
+    return order
+
+
+def _records(found: list[tuple[str, Any]]) -> list[RunRecord | None]:
+    """The records of (run id, its RedisStore or its record already read), those in Redis
+    read in one round trip per store; None for one gone or unreadable."""
+    out: list[RunRecord | None] = [f if isinstance(f, RunRecord) else None for _, f in found]
+    by_store: dict[int, list[int]] = {}
+    for i, (_, f) in enumerate(found):
+        if isinstance(f, RedisStore):
+            by_store.setdefault(id(f), []).append(i)
+    for indexes in by_store.values():
+        store = found[indexes[0]][1]
+        pipe = store.redis.pipeline(transaction=False)
+        for i in indexes:
+            pipe.hget(store._rec(found[i][0]), "doc")
+        for i, doc in zip(indexes, pipe.execute(), strict=True):
+            if doc is not None:
+                with contextlib.suppress(CorruptRecord):
+                    out[i] = parse_record(found[i][0], doc)
+    return out
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _desc(str):  # a sort key: run ids in descending order, as Redis orders ties
