@@ -205,6 +205,10 @@ def test_only_the_approver_decides_and_the_decision_is_recorded(env: Env) -> Non
         still = lead.get(f"/runs/{run_id}").json()
         assert still["status"] == "waiting" and still["gate"]["approvals"] == []
         assert _events(lead, run_id, "gate_approved") == []
+        # A start of the id reads the run, but a decision must name it whole.
+        assert lead.get(f"/runs/{run_id[:-2]}").json()["run_id"] == run_id
+        short = lead.post(f"/runs/{run_id[:-2]}/approve", json={"comment": "ship it"})
+        assert short.status_code == 404 and "whole id" in short.json()["error"]
 
         approved = lead.post(f"/runs/{run_id}/approve", json={"comment": "ship it"})
         assert approved.status_code == 200, approved.text

@@ -150,7 +150,7 @@ class Pages:
         if who is not None and self.auth.proxied_user(request) is not None:
             self._proxy_session(request, viewer)
         if who is not None:
-            viewer.inbox = len(self.ops.inbox(who))
+            viewer.inbox = self.ops.inbox_page(who, 1).total  # a count: parse one record
         return viewer
 
     def _proxy_session(self, request: Request, viewer: Viewer) -> None:

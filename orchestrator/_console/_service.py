@@ -163,6 +163,15 @@ class Operations:
         except AmbiguousRunId as exc:
             raise NotFound(str(exc)) from None
 
+    def exact(self, run_id: str) -> RunHandle:
+        """The run with exactly this id, for a change: a unique start of an id is fine to
+        read, but a decision must name the run it decides."""
+        handle = self.handle(run_id)
+        if handle.run_id != run_id:
+            raise NotFound(f"no run {run_id!r} (give the whole id to change a run; "
+                           f"{handle.run_id!r} starts with it)")
+        return handle
+
     def run(self, run_id: str) -> RunRecord:
         return self.handle(run_id).record()
 
@@ -240,7 +249,7 @@ class Operations:
 
     def decide(self, who: Identity | None, run_id: str, approve: bool,
                comment: str | None = None) -> RunRecord:
-        handle = self.handle(run_id)
+        handle = self.exact(run_id)
         record = handle.record()
         if record.gate is None:
             raise Conflict(f"run {record.run_id} is {record.status.value}: no gate waits "
@@ -265,7 +274,7 @@ class Operations:
         if not self.may_operate(who):
             raise Forbidden(f"{action} needs the operator or admin role")
         assert who is not None
-        handle = self.handle(run_id)
+        handle = self.exact(run_id)
         try:
             if action == "stop":
                 handle.stop(reason or None, by=who.name, source=who.source)
