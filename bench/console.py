@@ -53,6 +53,7 @@ from orchestrator import (  # noqa: E402
     WorkflowRunner,
 )
 from orchestrator import _engine as engine  # noqa: E402
+from orchestrator._console._auth import SESSION_COOKIE, Auth, AuthOptions  # noqa: E402
 from orchestrator._identity import Users  # noqa: E402
 from orchestrator._records import RunRecord  # noqa: E402
 from orchestrator._runner import local_runtime  # noqa: E402
@@ -322,7 +323,10 @@ def main() -> None:
         users.add("ops-lead", "bench-password", groups=["ops"], role="operator")
         token = users.create_token("ops-lead")
         server, base = serve(settings)
-        http = httpx.Client(base_url=base, timeout=60,
+        # Pages read the session (the API the token): both, as a signed-in browser and an
+        # app would send them.
+        cookie, _ = Auth(users, AuthOptions()).open_session(users.get("ops-lead"))
+        http = httpx.Client(base_url=base, timeout=60, cookies={SESSION_COOKIE: cookie},
                             headers={"Authorization": f"Bearer {token}"})
         deep_after = args.runs // 2
         page, cursor, walked = None, None, 0
@@ -336,6 +340,10 @@ def main() -> None:
         newest = http.get("/api/v1/runs", params={"limit": 1}).json()["runs"][0]["run_id"]
         routes = [
             ("/", {}),
+            ("/", {"status": "waiting"}),
+            ("/", {"cursor": cursor}),
+            ("/runs/" + newest, {}),
+            ("/inbox", {}),
             ("/api/v1/runs", {"status": "waiting"}),
             ("/api/v1/runs", {}),
             ("/api/v1/runs", {"cursor": cursor}),

@@ -44,6 +44,8 @@ LIVE_PARTS = ("summary", "actions", "gate", "error", "audit", "graph", "timeline
 
 __all__ = ["build_pages"]
 
+INBOX_SHOWN = 200  # the longest waiting; the rest follow as those are decided
+
 
 class SignInRequired(Exception):
     """Users exist and nobody is signed in: the page sends them to /login."""
@@ -150,7 +152,7 @@ class Pages:
         if who is not None and self.auth.proxied_user(request) is not None:
             self._proxy_session(request, viewer)
         if who is not None:
-            viewer.inbox = self.ops.inbox_page(who, 1).total  # a count: parse one record
+            viewer.inbox = self.ops.inbox_count(who)
         return viewer
 
     def _proxy_session(self, request: Request, viewer: Viewer) -> None:
@@ -375,8 +377,9 @@ class Pages:
 
     def inbox(self, request: Request) -> Response:
         viewer = self.viewer(request)
+        page = self.ops.inbox_page(viewer.identity, INBOX_SHOWN)
         return self.render(request, viewer, "inbox.html",
-                           {"title": "Inbox", "records": self.ops.inbox(viewer.identity)})
+                           {"title": "Inbox", "records": page.records, "total": page.total})
 
     def workflows(self, request: Request) -> Response:
         viewer = self.viewer(request)

@@ -193,6 +193,23 @@ class Operations:
         """Gates `who` may decide, the longest waiting first (the first `limit`)."""
         return self.inbox_page(who, limit).records
 
+    def inbox_count(self, who: Identity | None) -> int:
+        """How many gates `who` may decide: the union of their gate sets, nothing parsed
+        (every page's header shows it, and every live update)."""
+        if who is None or not who.user.may("operator"):
+            return 0
+        names = sorted(_listed_as(who.user))
+        total = 0
+        for store in self._stores():
+            if isinstance(store, RedisStore):
+                pipe = store.redis.pipeline(transaction=False)
+                for name in names:
+                    pipe.smembers(store._idx(f"gates:{name}"))
+                total += len({i for members in pipe.execute() for i in members})
+            else:
+                total += len({r.run_id for name in names for r in store.pending_gates(name)})
+        return total
+
     def inbox_page(self, who: Identity | None, limit: int | None = None) -> Inbox:
         """Gates `who` may decide, the longest waiting first: the first `limit` (all for
         None) and how many there are. In Redis the order comes from the gate-wait indexes
