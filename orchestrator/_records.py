@@ -312,6 +312,9 @@ class RunRecord(BaseModel):
     event_steps: dict[str, str] = Field(default_factory=dict)  # step -> event it took
     child: ChildCall | None = None
     parent: ParentLink | None = None
+    # The trace the run's step spans join (W3C traceparent, as the OTel propagator wrote
+    # it where the run started); None without tracing, and then left out of the JSON.
+    trace_context: dict[str, str] | None = None
     output: Any = None
     error: RunError | None = None
     created_at: float
