@@ -40,6 +40,7 @@ try:
         StatusCode,
         TraceFlags,
     )
+    _NO_PROVIDER = (ProxyTracerProvider, NoOpTracerProvider)  # what is set while none is
 except ImportError:  # the otel extra is not installed: tracing is off
     trace = None  # type: ignore[assignment]
 
@@ -74,7 +75,7 @@ def _tracer() -> Tracer | None:
     runtime was built (an app configuring OTel late) is still used."""
     global _tracers
     provider = trace.get_tracer_provider()
-    if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
+    if isinstance(provider, _NO_PROVIDER):
         return None
     cached = _tracers
     if cached is not None and cached[0] is provider:
