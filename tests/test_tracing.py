@@ -175,6 +175,10 @@ def test_a_run_started_without_a_span_is_still_one_trace(
         "branch Build[linux]", "branch Build[mac]", "step Build", "step Bundle", "step Release"]
     assert {s["trace_id"] for s in spans} == {start["trace_id"]}
     assert {s["parent_id"] for s in steps} == {start["span_id"]}
+    # Bundle's code ran on a timeout's helper thread, its span still nests under the step.
+    (bundle,) = [s for s in steps if s["name"] == "step Bundle"]
+    (upload,) = [s for s in spans if s["name"] == "upload bundle"]
+    assert upload["parent_id"] == bundle["span_id"]
 
 
 def test_a_run_stored_without_a_context_gets_a_trace_of_its_own() -> None:

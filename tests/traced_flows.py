@@ -72,6 +72,7 @@ def build(ctx: object) -> Parallel:
     return Parallel([linux, mac], "Bundle")
 
 
+@step(timeout=30)  # embedded, a timeout runs the code on a thread of its own
 def bundle(ctx: object) -> Wait:
     # A span of the step's own code: it must nest under the step's span.
     with trace.get_tracer("tests").start_as_current_span("upload bundle"):
