@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import re
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._definition import START as START_STEP
 from ._middleware import Middleware
 from ._records import RunError, RunRecord, Task
 
@@ -141,11 +143,13 @@ def _derived(run_id: str) -> SpanContext:
 
 
 def span_name(task: Task) -> str:
-    """`step Build`, `branch Build[linux]`. A Parallel.map item's index is left out
-    (`Build[square]`), as span names should not grow with the data; the attribute has it."""
+    """`step Build`, `branch Build[linux]`, `step START` (as Flower names its task). A
+    Parallel.map item's index is left out (`Build[square]`), as span names should not grow
+    with the data; the attribute has it."""
+    step = "START" if task.step == START_STEP else task.step
     if task.branch is None:
-        return f"step {task.step}"
-    return f"branch {task.step}[{_INDEX.sub('', task.branch)}]"
+        return f"step {step}"
+    return f"branch {step}[{_INDEX.sub('', task.branch)}]"
 
 
 class TracingMiddleware(Middleware):
@@ -240,17 +244,15 @@ def install_provider(exporter: str) -> None:
 
 
 def _otlp_exporter() -> Any:
-    try:  # HTTP first: unlike gRPC's channels it survives the prefork pool's fork
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError:
+    # HTTP first: unlike gRPC's channels it survives the prefork pool's fork.
+    for module in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                   "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"):
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter,
-            )
+            return importlib.import_module(module).OTLPSpanExporter()
         except ImportError:
-            raise ValueError("ORCHESTRATOR_OTEL_EXPORTER=otlp needs an OTLP exporter: "
-                             "pip install opentelemetry-exporter-otlp") from None
-    return OTLPSpanExporter()
+            continue
+    raise ValueError("ORCHESTRATOR_OTEL_EXPORTER=otlp needs an OTLP exporter: "
+                     "pip install opentelemetry-exporter-otlp")
 
 
 def _flush_on_pool_exit(provider: Any) -> None:

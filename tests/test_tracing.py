@@ -227,3 +227,13 @@ def test_an_unknown_exporter_is_refused() -> None:
         Settings.from_env({"ORCHESTRATOR_OTEL_EXPORTER": "zipkin"})
     with pytest.raises(ValueError, match="ORCHESTRATOR_OTEL_EXPORTER"):
         install_provider("zipkin")
+
+
+def test_span_names_stay_few_whatever_the_data() -> None:
+    from orchestrator._records import Task
+    from orchestrator._tracing import span_name
+
+    assert span_name(Task(step="Build", token=1)) == "step Build"
+    assert span_name(Task(step="__start__", token=1)) == "step START"
+    assert span_name(Task(step="Build", token=2, branch="linux")) == "branch Build[linux]"
+    assert span_name(Task(step="Fan", token=2, branch="square[31]")) == "branch Fan[square]"
