@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _engine as engine
+from . import _tracing
 from ._config import Settings
 from ._dispatch.base import Dispatcher
 from ._middleware import Hooks
@@ -143,6 +144,7 @@ class Committer:
         now = store.now()  # fails fast (StoreUnavailable) before anything is written
         d = engine.start(spec, run_id, input, state, now, parent, by, source)
         assert d.record is not None
+        d.record.trace_context = _tracing.carrier()  # the trace every step's span joins
         if not store.create(d.record, d.history, self.due(d.record)):
             return run_id, False
         if self.hooks:

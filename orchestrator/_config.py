@@ -42,6 +42,9 @@ class Settings:
     audit_key: str | None = field(default=None, repr=False)
     min_replicas_ack: int = 0  # replicas that must acknowledge a commit (WAIT) before a send
     replicas_ack_timeout: float = 1.0  # seconds a commit waits for them
+    # Workers and coordinators install a TracerProvider exporting this way ("otlp",
+    # "console"); unset: they leave the global provider as it is (see _tracing).
+    otel_exporter: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("lease_ttl", "redispatch_after", "join_after", "sweep_interval",
@@ -61,6 +64,9 @@ class Settings:
                     _redis_url.check(url)
                 except ValueError as exc:
                     raise ValueError(f"ORCHESTRATOR_{name.upper()}: {exc}") from None
+        if self.otel_exporter not in (None, "otlp", "console"):
+            raise ValueError(f"ORCHESTRATOR_OTEL_EXPORTER must be 'otlp' or 'console', "
+                             f"got {self.otel_exporter!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"ORCHESTRATOR_LOG_FORMAT must be 'text' or 'json', "
                              f"got {self.log_format!r}")

@@ -9,6 +9,7 @@ whether retrying could help.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import inspect
 import json
@@ -199,7 +200,9 @@ def _call_with_timeout(fn: Callable[[Any], Any], ctx: StepContext, timeout: floa
         except BaseException as exc:  # re-raised in the calling thread
             box["error"] = exc
 
-    thread = threading.Thread(target=target, daemon=True, name=f"step-{ctx.step}")
+    # In the caller's context: the step's log fields and trace span stay current in it.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,),
+                              daemon=True, name=f"step-{ctx.step}")
     thread.start()
     thread.join(timeout)
     if thread.is_alive():

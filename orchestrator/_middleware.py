@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from ._records import RunRecord, Task
+from ._records import RunError, RunRecord, Task
 
 log = logging.getLogger("orchestrator.middleware")
 
@@ -24,6 +24,10 @@ class Middleware:
 
     def before_step(self, run: RunRecord, task: Task) -> None:
         """A worker is about to run `task` (a step or a branch) of `run`."""
+
+    def step_failed(self, run: RunRecord, task: Task, error: RunError) -> None:
+        """The step's code raised (or returned what the runtime cannot use); called just
+        before `after_step`, with what failed."""
 
     def after_step(self, run: RunRecord, task: Task, failed: bool, seconds: float) -> None:
         """The step's code returned (or raised: `failed`); its outcome is not committed yet."""

@@ -323,6 +323,9 @@ class RunRecord(BaseModel):
     child: ChildCall | None = None
     parent: ParentLink | None = None
     stopping: list[ChildStop] = Field(default_factory=list)
+    # The trace the run's step spans join (W3C traceparent, as the OTel propagator wrote
+    # it where the run started); None without tracing, and then left out of the JSON.
+    trace_context: dict[str, str] | None = None
     output: Any = None
     error: RunError | None = None
     created_at: float

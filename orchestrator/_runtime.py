@@ -10,12 +10,14 @@ Both modes use the same parts and differ only in the store and the dispatcher:
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel
 
 from . import _engine as engine
+from . import _tracing
 from ._children import ChildRuns, ChildTarget
 from ._committer import CommitConflict, Committer, EventMaker, RunNotFound, check_input_depth
 from ._config import Settings
@@ -50,8 +52,10 @@ class Runtime:
     ) -> None:
         self.dispatcher = dispatcher
         self.registry = Registry()
+        # Tracing hooks itself in wherever opentelemetry is installed (a no-op until a
+        # TracerProvider is set), so apps and workers need not pass it.
         self.committer = Committer(self.registry, dispatcher, settings or Settings(),
-                                   Hooks(middleware))
+                                   Hooks([*middleware, *_tracing.middleware()]))
         self.children = ChildRuns(self.committer, self.store_for, self.register,
                                   self._published_target)
         self.committer.children = self.children
@@ -122,8 +126,10 @@ class Runtime:
         run_id: str | None = None, *, by: str | None = None, source: str = "client",
     ) -> tuple[str, bool]:
         """Start from validated data; for apps that know a workflow only by its catalog."""
-        return self.committer.start(self.store_for(key_prefix), spec, input, state, run_id,
-                                    by=by, source=source)
+        run_id = uuid.uuid4().hex if run_id is None else run_id  # the start span names it
+        with _tracing.starting(spec.workflow, spec.version, run_id):
+            return self.committer.start(self.store_for(key_prefix), spec, input, state,
+                                        run_id, by=by, source=source)
 
     def apply(self, store: RunStore, run_id: str, make_event: EventMaker,
               spec: FlowSpec | None = None, *, release: str | None = None,

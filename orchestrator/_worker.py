@@ -109,6 +109,8 @@ class WorkerExecution:
                      f"failed: {event.error.type}: {event.error.message}")
         took = time.monotonic() - started
         if self.hooks:
+            if isinstance(event, engine.StepFailed):
+                self.hooks.call("step_failed", rec, task, event.error)
             self.hooks.call("after_step", rec, task, isinstance(event, engine.StepFailed), took)
         return event, took
 

@@ -416,7 +416,15 @@ def _metrics_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _serving_app(settings: Settings, metrics_port: int | None, metrics_address: str,
                  cluster: bool) -> Any:
     """The hosting app, counting for Prometheus and serving /metrics when a port is given;
-    a coordinator (`cluster`) also serves the cluster's numbers read from Redis."""
+    a coordinator (`cluster`) also serves the cluster's numbers read from Redis. With
+    ORCHESTRATOR_OTEL_EXPORTER it exports traces too (before the pool forks)."""
+    if settings.otel_exporter:
+        from ._tracing import install_provider
+
+        try:
+            install_provider(settings.otel_exporter)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
     if not metrics_port:
         return _hosting_app(settings)
     from . import _metrics_http
