@@ -164,21 +164,34 @@ class RunHandle:
         (carrying the result) instead of returning it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = poll
-        # Told when the run ends (pub/sub on Redis); where that cannot be, or a word was
-        # lost (a process died right after the commit), looking again now and then.
-        with self._store.watch_end(self.run_id) as watch:
-            while True:
-                rec = self.record()
-                if rec.status.is_terminal:
-                    result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
-                                       step_results=rec.step_results, output=rec.output,
-                                       error=rec.error)
-                    if raise_on_failure and result.status is not RunStatus.COMPLETED:
-                        raise RunFailed(result)
-                    return result
+
+        def ended() -> RunResult | None:
+            rec = self.record()
+            if not rec.status.is_terminal:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(
                         f"run {self.run_id} is still {rec.status.value} after {timeout}s")
+                return None
+            result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
+                               step_results=rec.step_results, output=rec.output,
+                               error=rec.error)
+            if raise_on_failure and result.status is not RunStatus.COMPLETED:
+                raise RunFailed(result)
+            return result
+
+        # A run that has ended, or a caller that will not wait (timeout=0, a poll), needs
+        # one read and no subscription: a poller looking every few ms would otherwise open
+        # and close a pub/sub subscription each time.
+        if (result := ended()) is not None:
+            return result
+        # Told when the run ends (pub/sub on Redis); where that cannot be, or a word was
+        # lost (a process died right after the commit), looking again now and then. The
+        # subscription comes before the next read, so an end announced between the read
+        # above and the subscription is not missed: that read sees it.
+        with self._store.watch_end(self.run_id) as watch:
+            while True:
+                if (result := ended()) is not None:
+                    return result
                 pause = LOOK_AGAIN_EVERY if watch.live else wait
                 watch.wait(pause if deadline is None
                            else min(pause, max(0.0, deadline - time.monotonic())))
