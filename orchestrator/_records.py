@@ -382,7 +382,7 @@ def clone(value: Any) -> Any:
     if isinstance(value, BaseModel):
         if value.model_config.get("frozen"):
             return value
-        copied = kind.__new__(kind)
+        copied = object.__new__(kind)
         setattr_ = object.__setattr__
         setattr_(copied, "__dict__", {k: clone(v) for k, v in value.__dict__.items()})
         setattr_(copied, "__pydantic_fields_set__", set(value.__pydantic_fields_set__))
