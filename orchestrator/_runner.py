@@ -179,15 +179,15 @@ class RunHandle:
                 raise RunFailed(result)
             return result
 
-        # A run that has ended, or a caller that will not wait (timeout=0, a poll), needs
-        # one read and no subscription: a poller looking every few ms would otherwise open
-        # and close a pub/sub subscription each time.
-        if (result := ended()) is not None:
+        if timeout is not None and timeout <= 0:
+            # A caller that will not wait (a poll) needs one read and no subscription: a
+            # poller looking every few ms would otherwise open and close a pub/sub
+            # subscription each time.
+            result = ended()  # TimeoutError if the run has not ended
+            assert result is not None
             return result
         # Told when the run ends (pub/sub on Redis); where that cannot be, or a word was
-        # lost (a process died right after the commit), looking again now and then. The
-        # subscription comes before the next read, so an end announced between the read
-        # above and the subscription is not missed: that read sees it.
+        # lost (a process died right after the commit), looking again now and then.
         with self._store.watch_end(self.run_id) as watch:
             while True:
                 if (result := ended()) is not None:
