@@ -1,4 +1,4 @@
-"""Benchmark workflows: a 10-step no-op chain, a self-loop, and a fan-out.
+"""Benchmark workflows: a 10-step no-op chain, a self-loop, a fan-out, and a gate.
 
 Workers host them with `ORCHESTRATOR_WORKFLOWS=bench.flows`. Every step is a no-op, so a
 benchmark measures the runtime (messages, Redis, the engine), not user code.
@@ -6,11 +6,12 @@ benchmark measures the runtime (messages, Redis, the engine), not user code.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator import END, START, Next, Parallel, Workflow
+from orchestrator import END, START, HumanApproval, Next, Parallel, Wait, Workflow
 
 PREFIX = "bench:"
 
@@ -83,4 +84,18 @@ fan_out = (
     .flow({START: "Fan", "Fan": fan, "Gather": gather})
 )
 
-__all__ = ["fan_out", "loop", "noop10", "noop_branch"]
+
+def released(ctx: Any) -> Next:
+    """The step after the gate: its output is the moment it started (this host's clock)."""
+    return Next(END, output=time.time())
+
+
+# START -> a gate for "bench" -> Released -> END: approve() to the next step starting.
+gated = (
+    Workflow("BenchGate", "A gate, then one step")
+    .persistence(key_prefix=PREFIX)
+    .flow({START: lambda ctx: Wait(HumanApproval(approvers=["bench"]), "Released"),
+           "Released": released})
+)
+
+__all__ = ["fan_out", "gated", "loop", "noop10", "noop_branch", "released"]

@@ -2,7 +2,8 @@
 
 Usage:
     .venv/bin/python bench/throughput.py [--runs 100] [--steps 200] [--loop 200]
-        [--chords 50] [--width 8] [--wide-chords 8] [--wide 50] [--raw-prefetch 4,1]
+        [--chords 50] [--width 8] [--wide-chords 8] [--wide 50] [--starts 200] [--gates 20]
+        [--raw-prefetch 4,1]
         [--rounds 3] [--ours-loglevel WARNING] [--redis-url redis://127.0.0.1:6379/15] [--json]
 
 Needs Redis; the database in --redis-url is FLUSHED before and after. Every side keeps its
@@ -31,6 +32,14 @@ What each side is asked to do:
                     branches -> Gather); again with --wide-chords of width --wide.
   history growth    ours: one loop run of --loop iterations; mean time per iteration of
                     the first 50 and the last 50, from the run's history (should be ~1.0).
+  starts/s          raw: --starts chains of 10 no-op tasks sent back to back
+                    (`chain(...).apply_async()`); ours: --starts runs of Noop10 started back
+                    to back (`WorkflowRunner.run()`); starts / wall time of the sending loop
+                    only (then, untimed, every one is waited for before the next measure).
+  approve -> step   ours only (raw Celery has no gate): --gates runs parked at a gate, then
+                    each in turn approve()d; from the moment before the call to the moment
+                    the step after the gate started (its output is its own time.time()),
+                    median and p95 in ms over all rounds' approvals.
   CPU per step      user + system CPU of each process tree (this client, the side's worker
                     main process and its pool, the coordinator, redis-server) over the
                     steps/s and the first branches/s measure, per step or branch.
@@ -207,6 +216,15 @@ class RawCelery:
         self.group([self.chain(*[self._sig(self.noop) for _ in range(10)])
                     for _ in range(4)]).apply_async(queue=self.queue).get(timeout=120)
 
+    def starts_s(self, n: int) -> Result:
+        t = time.perf_counter()
+        pending = [self.chain(*[self._sig(self.noop) for _ in range(10)]).apply_async()
+                   for _ in range(n)]
+        rate = n / (time.perf_counter() - t)
+        for r in pending:
+            r.get(timeout=TIMEOUT)
+        return {"starts_s": rate}
+
     def hop_ms(self, steps: int) -> Result:
         t = time.perf_counter()
         self.chain(*[self._sig(self.noop) for _ in range(steps)]).apply_async().get(
@@ -240,7 +258,7 @@ class Ours:
     def __init__(self, url: str, procs: Processes, loglevel: str) -> None:
         env = {**os.environ, "ORCHESTRATOR_REDIS_URL": url,
                "ORCHESTRATOR_WORKFLOWS": "bench.flows", "PYTHONPATH": str(ROOT)}
-        from bench.flows import fan_out, loop, noop10
+        from bench.flows import fan_out, gated, loop, noop10
         from orchestrator import Settings, WorkflowRunner, create_app
 
         self.name = "ours"
@@ -252,12 +270,33 @@ class Ours:
                                                        "-n", "bench-coordinator@%h",
                                                        *WORKER_FLAGS], env)
         self.cpu = CpuMeter(url, {"worker": worker, "coordinator": coordinator})
-        self.chains, self.loops, self.fans = (WorkflowRunner(wf, app=app)
-                                              for wf in (noop10, loop, fan_out))
+        self.chains, self.loops, self.fans, self.gates = (
+            WorkflowRunner(wf, app=app) for wf in (noop10, loop, fan_out, gated))
 
     def warm_up(self) -> None:
         for h in [self.chains.run() for _ in range(4)] + [self.fans.run({"width": 2})]:
             wait_done(h, 120)
+
+    def starts_s(self, n: int) -> Result:
+        t = time.perf_counter()
+        handles = [self.chains.run() for _ in range(n)]
+        rate = n / (time.perf_counter() - t)
+        for h in handles:
+            wait_done(h)
+        return {"starts_s": rate}
+
+    def approve_ms(self, n: int) -> list[float]:
+        """approve() to the step after the gate starting, ms, for `n` runs in turn."""
+        handles = [self.gates.run() for _ in range(n)]
+        for h in handles:
+            while h.status().value != "waiting":
+                time.sleep(POLL)
+        latencies = []
+        for h in handles:
+            t0 = time.time()
+            h.approve(by="bench")
+            latencies.append((wait_done(h).output - t0) * 1000)
+        return latencies
 
     def hop_ms(self, steps: int) -> Result:
         t = time.perf_counter()
@@ -339,18 +378,20 @@ def one_round(sides: list[Any], ours: Ours, a: argparse.Namespace, flip: bool) -
         lambda side: side.steps_s(a.runs),
         lambda side: side.branches_s(a.chords, a.width),
         lambda side: {"wide_branches_s": side.branches_s(a.wide_chords, a.wide)["branches_s"]},
+        lambda side: side.starts_s(a.starts),
     ]
     out: dict[str, Result] = {side.name: {} for side in sides}
     for measure in measures:
         for side in order:
             out[side.name].update(measure(side))
     out[ours.name].update(ours.growth(a.loop))
+    out[ours.name]["approve_ms"] = ours.approve_ms(a.gates)
     return out
 
 
 # ---- report -------------------------------------------------------------------------------
 
-KEYS = ("hop_ms", "steps_s", "branches_s", "wide_branches_s")
+KEYS = ("hop_ms", "steps_s", "branches_s", "wide_branches_s", "starts_s")
 
 
 def machine(url: str) -> dict[str, Any]:
@@ -375,6 +416,7 @@ def print_table(report: dict[str, Any], a: argparse.Namespace) -> None:
         "steps_s": f"steps/s, {a.runs} x 10 in flight",
         "branches_s": f"branches/s, {a.chords} x {a.width}",
         "wide_branches_s": f"branches/s, {a.wide_chords} x {a.wide}",
+        "starts_s": f"starts/s, {a.starts} back to back",
     }
     for key in KEYS:
         cells = "".join(f"{r[key]:12.2f}" for r in raws.values())
@@ -388,6 +430,10 @@ def print_table(report: dict[str, Any], a: argparse.Namespace) -> None:
           f"{g['first_ms']:.2f} ms each, last {g['window']:.0f} {g['last_ms']:.2f} ms (last/first "
           f"{g['last_over_first']:.2f}; median {g['median_ms']:.2f} ms)")
     print(f"ours from the run history: {us['hop_server_ms']:.2f} ms per step")
+    ap = report["approve_ms"]
+    print(f"ours, approve() -> the step after the gate started: median {ap['median']:.2f} ms, "
+          f"p95 {ap['p95']:.2f} ms ({ap['n']} approvals; per-round medians "
+          f"{ap['round_medians'][0]:.2f}-{ap['round_medians'][1]:.2f} ms)")
     for what, key in (("chain step", "cpu_ms_per_step"), ("fan-out branch", "cpu_ms_per_branch")):
         for side, r in [*raws.items(), ("ours", us)]:
             cpu = r[key]
@@ -426,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--wide-chords", type=int, default=8,
                         help="wide fan-outs in flight (default 8)")
     parser.add_argument("--wide", type=int, default=50, help="their width (default 50)")
+    parser.add_argument("--starts", type=int, default=200,
+                        help="runs / chains started back to back (default 200)")
+    parser.add_argument("--gates", type=int, default=20,
+                        help="runs approved one at a time, per round (default 20)")
     parser.add_argument("--raw-prefetch", default="4",
                         help="raw worker prefetch multiplier(s), comma-separated; the ratio "
                              "is taken against the first (default 4, as the baseline)")
@@ -439,8 +489,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "round's ratio with its range (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     a = parser.parse_args(argv)
-    if a.loop < 3 or a.steps < 1 or a.rounds < 1:
-        parser.error("--loop needs at least 3 iterations, --steps and --rounds at least 1")
+    if a.loop < 3 or a.steps < 1 or a.rounds < 1 or a.starts < 1 or a.gates < 1:
+        parser.error("--loop needs at least 3 iterations, --steps, --starts, --gates and "
+                     "--rounds at least 1")
     prefetches = [int(p) for p in a.raw_prefetch.split(",") if p.strip()]
 
     signal.signal(signal.SIGTERM, _sigterm)
@@ -461,9 +512,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 procs.check_alive()
                 rounds.append({"raw_celery": {r.name: by_side[r.name] for r in raws},
                                "ours": by_side[ours.name],
+                               "approve_median": statistics.median(
+                                   by_side[ours.name]["approve_ms"]),
                                "ratios": ratios(by_side[raws[0].name], by_side[ours.name])})
         finally:
             client.flushdb()
+    # approve() latencies: every approval of every round, and each round's median.
+    approvals = [ms for r in rounds for ms in r["ours"].pop("approve_ms")]
+    report["approve_ms"] = {
+        "n": len(approvals), "median": statistics.median(approvals),
+        "p95": statistics.quantiles(approvals, n=20)[-1] if len(approvals) > 1 else approvals[0],
+        "round_medians": [min(r["approve_median"] for r in rounds),
+                          max(r["approve_median"] for r in rounds)]}
+    for r in rounds:
+        del r["approve_median"]
     # Medians over rounds; a ratio is the median of each round's own ratio.
     report.update(_median(rounds))
     report["ratio_ranges"] = {k: [min(r["ratios"][k] for r in rounds),

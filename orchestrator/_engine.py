@@ -30,6 +30,7 @@ from ._records import (
     StepPolicy,
     Task,
     Timer,
+    clone,
 )
 
 START = "__start__"
@@ -395,7 +396,7 @@ def start(
 
 def apply(record: RunRecord, event: Event, spec: FlowSpec | None = None) -> Decision:
     """Decide what `event` does to `record`. The input record is never mutated."""
-    rec = record.model_copy(deep=True)
+    rec = clone(record)
     handler = _HANDLERS[type(event)]
     d: Decision = handler(rec, event, spec)
     if d.record is not None and isinstance(event, StepDone | StepFailed):

@@ -24,6 +24,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._next = 0
+        self._sleeps_until = float("inf")  # when the thread next wakes on its own
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -39,12 +40,21 @@ class LeaseKeeper:
     def _hold(self, run_id: str, task_id: str, ttl: float) -> int:
         with self._lock:
             self._next += 1
-            self._held[self._next] = (run_id, task_id, ttl, time.monotonic() + ttl / 3)
+            renew_at = time.monotonic() + ttl / 3
+            self._held[self._next] = (run_id, task_id, ttl, renew_at)
             if self._thread is None or not self._thread.is_alive():  # also after a fork
+                self._sleeps_until = float("inf")
                 self._thread = threading.Thread(target=self._beat, daemon=True,
                                                 name="orchestrator-leases")
                 self._thread.start()
-        self._wake.set()  # it may be sleeping past this lease's first renewal
+            # Wake the thread only if it would sleep past this lease's first renewal: a
+            # step that holds a lease must not cost a thread switch (it wakes by then
+            # anyway when it already sleeps toward an earlier renewal).
+            wake = renew_at < self._sleeps_until
+            if wake:
+                self._sleeps_until = renew_at
+        if wake:
+            self._wake.set()
         return self._next
 
     def close(self) -> None:
@@ -60,8 +70,10 @@ class LeaseKeeper:
                 if self._closed:
                     return
                 soonest = min((at for *_, at in self._held.values()), default=None)
+                self._sleeps_until = float("inf") if soonest is None else soonest
             self._wake.wait(None if soonest is None else max(0.0, soonest - time.monotonic()))
-            self._wake.clear()
+            with self._lock:
+                self._wake.clear()
             now = time.monotonic()
             with self._lock:
                 due = [(k, h) for k, h in self._held.items() if h[3] <= now]

@@ -164,21 +164,34 @@ class RunHandle:
         (carrying the result) instead of returning it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = poll
+
+        def ended() -> RunResult | None:
+            rec = self.record()
+            if not rec.status.is_terminal:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"run {self.run_id} is still {rec.status.value} after {timeout}s")
+                return None
+            result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
+                               step_results=rec.step_results, output=rec.output,
+                               error=rec.error)
+            if raise_on_failure and result.status is not RunStatus.COMPLETED:
+                raise RunFailed(result)
+            return result
+
+        if timeout is not None and timeout <= 0:
+            # A caller that will not wait (a poll) needs one read and no subscription: a
+            # poller looking every few ms would otherwise open and close a pub/sub
+            # subscription each time.
+            result = ended()  # TimeoutError if the run has not ended
+            assert result is not None
+            return result
         # Told when the run ends (pub/sub on Redis); where that cannot be, or a word was
         # lost (a process died right after the commit), looking again now and then.
         with self._store.watch_end(self.run_id) as watch:
             while True:
-                rec = self.record()
-                if rec.status.is_terminal:
-                    result = RunResult(run_id=rec.run_id, status=rec.status, state=rec.state,
-                                       step_results=rec.step_results, output=rec.output,
-                                       error=rec.error)
-                    if raise_on_failure and result.status is not RunStatus.COMPLETED:
-                        raise RunFailed(result)
+                if (result := ended()) is not None:
                     return result
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"run {self.run_id} is still {rec.status.value} after {timeout}s")
                 pause = LOOK_AGAIN_EVERY if watch.live else wait
                 watch.wait(pause if deadline is None
                            else min(pause, max(0.0, deadline - time.monotonic())))

@@ -16,6 +16,7 @@ from celery.backends.redis import RedisBackend
 from kombu import Producer
 
 from .._engine import Command, Revoke, SendFork, SendTask
+from .._kombu_fixes import reuse_client
 from .._records import Task
 from .base import Dispatcher, branch_task_name, step_task_name
 
@@ -36,16 +37,23 @@ class CeleryDispatcher(Dispatcher):
     def send(self, commands: Sequence[Command]) -> None:
         if not commands:
             return
-        with self.app.producer_or_acquire() as producer, _batch(producer):
-            for cmd in commands:
-                if isinstance(cmd, SendTask):
-                    self._signature(cmd.workflow, cmd.version, cmd.run_id,
-                                    cmd.task).apply_async(producer=producer)
-                elif isinstance(cmd, SendFork):
-                    self._send_chord(cmd, producer)
-                elif isinstance(cmd, Revoke):
-                    ids = [self.message_id(cmd.run_id, t) for t in cmd.tasks]
-                    self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
+        # A batch pipelines the LPUSHes of several messages; for a lone message (a step
+        # hop) it only adds a client, a pipeline and an exit stack to the one LPUSH.
+        lone = len(commands) == 1 and isinstance(commands[0], SendTask)
+        with self.app.producer_or_acquire() as producer:
+            reuse_client(producer.channel)
+            with contextlib.nullcontext() if lone else _batch(producer):
+                self._send(commands, producer)
+
+    def _send(self, commands: Sequence[Command], producer: Producer) -> None:
+        for cmd in commands:
+            if isinstance(cmd, SendTask):
+                self._publish(cmd.workflow, cmd.version, cmd.run_id, cmd.task, producer)
+            elif isinstance(cmd, SendFork):
+                self._send_chord(cmd, producer)
+            elif isinstance(cmd, Revoke):
+                ids = [self.message_id(cmd.run_id, t) for t in cmd.tasks]
+                self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
 
     def _send_chord(self, cmd: SendFork, producer: Producer) -> None:
         """A Celery chord whose body is the step after the fork, told to join first.
@@ -56,15 +64,16 @@ class CeleryDispatcher(Dispatcher):
         body = self._signature(cmd.workflow, cmd.version, cmd.run_id, cmd.then).set(
             immutable=True)
         body.kwargs["join"] = cmd.token
-        header = [self._signature(cmd.workflow, cmd.version, cmd.run_id, t) for t in cmd.tasks]
         if not isinstance(self.app.backend, RedisBackend):
+            header = [self._signature(cmd.workflow, cmd.version, cmd.run_id, t)
+                      for t in cmd.tasks]
             chord(header, body, app=self.app).apply_async(producer=producer)
             return
         group_id = uuid.uuid4().hex  # one per chord sent: a fork may send more than one
-        self.app.backend.set_chord_size(group_id, len(header))
-        for index, sig in enumerate(header):
-            sig.apply_async(producer=producer, chord=body, group_id=group_id,
-                            group_index=index, add_to_parent=False)
+        self.app.backend.set_chord_size(group_id, len(cmd.tasks))
+        for index, task in enumerate(cmd.tasks):
+            self._publish(cmd.workflow, cmd.version, cmd.run_id, task, producer, chord=body,
+                          group_id=group_id, group_index=index)
 
     def queue_length(self, queue: str) -> int:
         try:
@@ -100,13 +109,15 @@ class CeleryDispatcher(Dispatcher):
         ids = (m.get("headers", {}).get("id") for m in waiting if isinstance(m, dict))
         return frozenset(i for i in ids if i)
 
-    def _signature(self, workflow: str, version: str, run_id: str, task: Task) -> Any:
+    def _message(self, workflow: str, version: str, run_id: str,
+                 task: Task) -> tuple[str, dict[str, Any]]:
+        """A task's name, and the options it is sent with."""
         args: tuple[str, int] | tuple[str, int, str]
         if task.branch is None:
             name, args = step_task_name(workflow, task.step), (run_id, task.token)
         else:
             name, args = branch_task_name(workflow), (run_id, task.token, task.branch)
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"args": args}
         if task.attempt > 1:
             options["kwargs"] = {"attempt": task.attempt}
         if task.policy.timeout is not None:  # a prefork child is interrupted at its timeout
@@ -115,9 +126,23 @@ class CeleryDispatcher(Dispatcher):
         # Our store keeps every result. Ignoring Celery's saves a SUBSCRIBE/UNSUBSCRIBE
         # per send and a SETEX + PUBLISH per task; a chord still counts its header,
         # since Celery's backend runs on_chord_part_return whether or not it stores.
-        return self.app.signature(name, args=args, queue=self.queue_of(workflow, version, task),
-                                  task_id=self.message_id(run_id, task), ignore_result=True,
-                                  **options)
+        options.update(queue=self.queue_of(workflow, version, task),
+                       task_id=self.message_id(run_id, task), ignore_result=True)
+        return name, options
+
+    def _signature(self, workflow: str, version: str, run_id: str, task: Task) -> Any:
+        name, options = self._message(workflow, version, run_id, task)
+        return self.app.signature(name, **options)
+
+    def _publish(self, workflow: str, version: str, run_id: str, task: Task,
+                 producer: Producer, **extra: Any) -> None:
+        """Send one task's message: `send_task` as `signature(...).apply_async` calls it,
+        without building the signature, and with the args' repr given (Celery's
+        `saferepr` of them costs more than the rest of the headers)."""
+        name, options = self._message(workflow, version, run_id, task)
+        self.app.send_task(name, producer=producer, add_to_parent=False,
+                           argsrepr=repr(options["args"]),
+                           kwargsrepr=repr(options.get("kwargs", {})), **options, **extra)
 
 
 @contextlib.contextmanager
