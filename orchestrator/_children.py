@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _engine as engine
+from . import _tracing
 from ._committer import Committer, RunNotFound
 from ._definition import Workflow
 from ._records import FlowSpec, ParentLink
@@ -95,8 +96,9 @@ class ChildRuns:
         target = self.target(c.workflow)
         link = ParentLink(run_id=c.parent_run_id, key_prefix=store.key_prefix, step=c.step,
                           token=c.token, branch=c.branch)
-        self.committer.start(self.store_for(c.key_prefix), target.spec, c.input,
-                             dict(target.initial_state), c.run_id, parent=link)
+        with _tracing.within(c.trace_context):
+            self.committer.start(self.store_for(c.key_prefix), target.spec, c.input,
+                                 dict(target.initial_state), c.run_id, parent=link)
 
     def _stop(self, c: engine.StopChild) -> None:
         # It may have ended already, or never started (its parent no longer asks for it).

@@ -334,6 +334,7 @@ class StartChild:
     key_prefix: str
     input: dict[str, Any]
     branch: str | None = None
+    trace_context: dict[str, str] | None = None  # the parent's: the child joins its trace
 
 
 @dataclass(frozen=True)
@@ -1093,7 +1094,7 @@ def _branch_call(d: Decision, branch: str, out: Spawn, now: float) -> Decision:
 
 def _start_child(rec: RunRecord, child: ChildCall) -> StartChild:
     return StartChild(rec.run_id, child.step, child.token, child.run_id, child.workflow,
-                      child.key_prefix, child.input, child.branch)
+                      child.key_prefix, child.input, child.branch, rec.trace_context)
 
 
 def child_run_id(parent: str, token: int, branch: str | None = None) -> str:

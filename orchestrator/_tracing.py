@@ -103,6 +103,20 @@ def carrier() -> dict[str, str] | None:
 
 
 @contextlib.contextmanager
+def within(stored: dict[str, str] | None) -> Iterator[None]:
+    """Make a stored context (another run's `trace_context`) current: a child run started
+    in it joins its parent's trace."""
+    if not AVAILABLE or not stored:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(stored))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
 def starting(workflow: str, version: str, run_id: str) -> Iterator[None]:
     """A span around starting a run (`start <Workflow>`), the run's root: it is current
     while the record is written, so its context is the one stored. No provider: nothing,

@@ -53,7 +53,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 )
 
 from orchestrator import RunStatus, WorkflowRunner  # noqa: E402
-from tests.traced_flows import span_dict, traced  # noqa: E402
+from tests.traced_flows import span_dict, traced, traced_kid, traced_parent  # noqa: E402
 
 APPROVE_ELSEWHERE = """
 import sys
@@ -179,6 +179,24 @@ def test_a_run_started_without_a_span_is_still_one_trace(
     (bundle,) = [s for s in steps if s["name"] == "step Bundle"]
     (upload,) = [s for s in spans if s["name"] == "upload bundle"]
     assert upload["parent_id"] == bundle["span_id"]
+
+
+def test_a_child_run_joins_its_parents_trace(app_spans: InMemorySpanExporter) -> None:
+    app_spans.clear()
+    runner = WorkflowRunner(traced_parent)
+    runner.runtime.register(traced_kid)
+    with trace.get_tracer("app").start_as_current_span("POST /parent") as view:
+        handle = runner.run({})
+    assert handle.result(timeout=30).status is RunStatus.COMPLETED
+    trace_id = f"{view.get_span_context().trace_id:032x}"
+    kid_id = handle.record().step_results["CallKid"]["run_id"]
+    kid = runner.runtime.store_for("orchestrator:").load(kid_id).record
+    assert kid is not None and kid.trace_context is not None
+    assert kid.trace_context["traceparent"].split("-")[1] == trace_id
+    kid_steps = [span_dict(s) for s in app_spans.get_finished_spans()
+                 if (s.attributes or {}).get("orchestrator.run_id") == kid_id
+                 and s.name.startswith("step ")]
+    assert kid_steps and {s["trace_id"] for s in kid_steps} == {trace_id}
 
 
 def test_a_run_stored_without_a_context_gets_a_trace_of_its_own() -> None:

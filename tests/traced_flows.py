@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from pydantic import BaseModel
 
-from orchestrator import END, START, HumanApproval, Parallel, Wait, Workflow, step
+from orchestrator import END, START, Call, HumanApproval, Parallel, Wait, Workflow, step
 
 
 class JsonLinesExporter(SpanExporter):
@@ -89,3 +89,18 @@ def release(ctx: object) -> str:
 
 traced = (Workflow("Traced", "Tracing across processes").input(In)
           .flow({START: "Build", "Build": build, "Bundle": bundle, "Release": release}))
+
+
+def kid_work(ctx: object) -> str:
+    return END
+
+
+traced_kid = Workflow("TracedKid", "A child run in its parent's trace").flow({START: kid_work})
+
+
+def call_kid(ctx: object) -> Call:
+    return Call(traced_kid, {}, "Called")
+
+
+traced_parent = (Workflow("TracedParent", "Calls TracedKid")
+                 .flow({START: "CallKid", "CallKid": call_kid, "Called": kid_work}))
