@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import redis
 
 from orchestrator import Client, RunStatus, WorkflowRunner
@@ -47,6 +48,15 @@ def test_a_run_waits_visibly_for_a_worker_of_its_version_and_finishes_on_its_cod
     assert "no worker hosts Rollout@1" in cli(redis_url, "runs").stdout
     fresh = client.start("Rollout", {"gate": False})  # new runs start on the newest
     assert fresh.result(timeout=60).output == {"version": "2"}
+    # The console says so too, beside a run its version's worker finished (no users
+    # here: it reads anonymously); its catalog counts the run in flight on version 1.
+    _, console = new.console()
+    for page in ("/runs/roll1", "/"):
+        assert "no worker hosts Rollout@1" in httpx.get(console + page).text, page
+    catalog = httpx.get(console + "/api/v1/workflows/Rollout").json()
+    assert catalog["in_flight"] == {"1": 1} and "1" not in catalog["versions"]
+    workflows_page = httpx.get(console + "/workflows").text
+    assert "Runs in flight" in workflows_page and ">1<" in workflows_page
     assert handle.status() is RunStatus.RUNNING and rclient.llen(V1_QUEUE) == 1
     old.worker("v1b")  # version 1 is back: the parked run finishes on its own code
     result = handle.result(timeout=60)

@@ -157,6 +157,7 @@ def build_api(ops: Operations, auth: Auth) -> FastAPI:
         entry = ops.workflow(name)
         doc = entry.model_dump(mode="json")
         doc["runs"] = {s.value: n for s, n in ops.counts(name).by_status.items()}
+        doc["in_flight"] = ops.in_flight(name)  # per version: when 0, its workers can go
         return doc
 
     @api.post("/runs", status_code=201)

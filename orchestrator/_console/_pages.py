@@ -288,6 +288,7 @@ class Pages:
             "title": "Runs", "page": page, "counts": counts, "status": chosen,
             "workflow": workflow, "workflows": names, "q": q or "", "found": found,
             "cursor": cursor, "statuses": list(RunStatus),
+            "unhosted": self.ops.unhosted(page.records),
             "next_url": _query(status=chosen, workflow=workflow, cursor=page.next_cursor)
             if page.next_cursor else None,
             "filter_url": lambda s: _query(status=s, workflow=workflow)})
@@ -338,6 +339,7 @@ class Pages:
         return {"viewer": viewer, "record": record,
                 "started_by": first.get("by") if first.get("event") == "started" else None,
                 "started_via": first.get("source"),
+                "unhosted": self.ops.unhosted([record]).get(record.run_id),
                 "graph": _views.layout(shape, record, history) if shape else None,
                 "rows": rows[-TIMELINE_LIMIT:], "hidden_rows": max(0, len(rows) -
                                                                   TIMELINE_LIMIT),
@@ -385,8 +387,10 @@ class Pages:
         viewer = self.viewer(request)
         entries = self.ops.workflows()
         counts = {e.name: self.ops.counts(e.name) for e in entries}
+        in_flight = {e.name: self.ops.in_flight(e.name) for e in entries}
         return self.render(request, viewer, "workflows.html",
-                           {"title": "Workflows", "entries": entries, "counts": counts})
+                           {"title": "Workflows", "entries": entries, "counts": counts,
+                            "in_flight": in_flight})
 
     def start_form(self, request: Request, name: str) -> Response:
         viewer = self.viewer(request)

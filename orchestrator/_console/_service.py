@@ -148,6 +148,15 @@ class Operations:
         more = len(merged) > limit or any(p.next_cursor for p in pages)
         return RunPage(records, encode_cursor(records[-1]) if more and records else None)
 
+    def unhosted(self, records: list[RunRecord]) -> dict[str, str]:
+        """Run id -> "no worker hosts W@V", for the active ones among `records` whose
+        version no live worker executes: they wait, visibly, until one appears."""
+        return self.client.unhosted(records) if records else {}
+
+    def in_flight(self, workflow: str) -> dict[str, int]:
+        """Runs of `workflow` not finished yet, per version (reads each active record)."""
+        return self.client.in_flight(workflow)
+
     def find(self, prefix: str, limit: int = 20) -> list[str]:
         """Run ids starting with `prefix`, for the search box."""
         found: set[str] = set()
