@@ -233,11 +233,30 @@ def _edge(a: Node, b: Node, back: bool, height: float) -> Edge:
                 mark)
 
 
+def _branch_aliases(nodes: dict[str, Node], history: list[dict[str, Any]]) -> dict[str, str]:
+    """`Step/<branch as the run names it>` -> the node drawn for it. The graph names a
+    fork's branches after the functions the code hands to `Parallel`; a run names them by
+    its keys (`Parallel({"slow": wait_a_bit})`), in the same order: where no run name is
+    a node, they are matched by position."""
+    aliases: dict[str, str] = {}
+    for e in history:
+        if e.get("event") != "forked" or not isinstance(e.get("branches"), list):
+            continue
+        step = e.get("step")
+        drawn = [n.id for n in nodes.values() if n.kind == "branch"
+                 and n.id.startswith(f"{step}/")]
+        named = [f"{step}/{str(b).split('/')[0].split('[')[0]}" for b in e["branches"]]
+        if named and not set(named) & set(drawn) and len(set(named)) == len(drawn):
+            aliases.update(zip(dict.fromkeys(named), drawn, strict=True))
+    return aliases
+
+
 def _mark(nodes: dict[str, Node], record: RunRecord, history: list[dict[str, Any]]) -> None:
     """done: it completed at least once; current/waiting/paused: where the run is now."""
     done = {e.get("step") for e in history if e.get("event") in ("step_completed", "routed")}
-    branches = {f"{e.get('step')}/{e.get('branch')}" for e in history
-                if e.get("event") == "branch_completed"}
+    aliases = _branch_aliases(nodes, history)
+    branches = {aliases.get(b, b) for b in (f"{e.get('step')}/{e.get('branch')}" for e in history
+                                            if e.get("event") == "branch_completed")}
     for node in nodes.values():
         if node.id in done or node.id in branches:
             node.mark = "done"
@@ -249,11 +268,12 @@ def _mark(nodes: dict[str, Node], record: RunRecord, history: list[dict[str, Any
         nodes[step].mark = here
     if record.fork is not None and not record.status.is_terminal:
         for name in record.fork.leaves():
-            branch = nodes.get(f"{record.fork.step}/{name.split('/')[0]}")
+            key = f"{record.fork.step}/{name.split('/')[0]}"
+            branch = nodes.get(aliases.get(key, key))
             if branch is not None and branch.id not in branches:
                 branch.mark = "current"
     if record.status == RunStatus.FAILED and record.error and record.error.step:
-        _mark_failed(nodes, record.error.step)
+        _mark_failed(nodes, record.error.step, aliases)
 
 
 def _current_mark(record: RunRecord) -> str:
@@ -266,13 +286,14 @@ def _current_mark(record: RunRecord) -> str:
     return "waiting" if record.status == RunStatus.WAITING else "current"
 
 
-def _mark_failed(nodes: dict[str, Node], where: str) -> None:
+def _mark_failed(nodes: dict[str, Node], where: str, aliases: dict[str, str]) -> None:
     """`Step` or `Step[branch]` (how a task names itself)."""
     step, _, branch = where.partition("[")
     if step in nodes:
         nodes[step].mark = "failed"
-    if branch and f"{step}/{branch.rstrip(']').split('/')[0]}" in nodes:
-        nodes[f"{step}/{branch.rstrip(']').split('/')[0]}"].mark = "failed"
+    key = f"{step}/{branch.rstrip(']').split('/')[0]}"
+    if branch and aliases.get(key, key) in nodes:
+        nodes[aliases.get(key, key)].mark = "failed"
 
 
 # ---- the timeline -------------------------------------------------------------------------
