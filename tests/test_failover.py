@@ -147,7 +147,7 @@ def test_a_commit_short_of_its_replicas_is_retried_and_sends_once(
     assert replica.proc is not None
     try:
         cluster.coordinator("coord")
-        cluster.worker("w1", 2)
+        worker = cluster.worker("w1", 2)
         runner = WorkflowRunner(ff.failover, app=cluster.app)
         gated = runner.run({"gated": True}, run_id="g")
         wait_for(lambda: gated.status() is RunStatus.WAITING, 60, what="the gate")
@@ -160,7 +160,9 @@ def test_a_commit_short_of_its_replicas_is_retried_and_sends_once(
                 gated.approve(by=ff.APPROVER)
             with pytest.raises(StoreUnavailable):
                 runner.run({}, run_id="late")
-            time.sleep(1.5)  # workers finish steps whose commits fall short
+            # Workers finish steps whose commits fall short of the replica.
+            wait_for(lambda: "0 of 1 replica" in worker.log.read_text(errors="replace"), 30,
+                     what=f"a worker's commit to fall short\n{worker.tail()}")
         finally:
             replica.proc.send_signal(signal.SIGCONT)
 
