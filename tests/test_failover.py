@@ -19,6 +19,7 @@ import pytest
 from orchestrator import Client, RunStatus, Settings, StoreUnavailable, WorkflowRunner
 from orchestrator import _engine as engine
 from orchestrator._records import FlowSpec, StepPolicy, StepSpec
+from orchestrator._steward import catalog_key
 from orchestrator._stores import RedisStore
 from tests import failover_flows as ff
 from tests.conftest import Cluster, RedisServer, wait_for
@@ -207,7 +208,6 @@ def test_clients_follow_the_failover(sentinel_deployment: SentinelDeployment,
         assert client.start("Failover", {}).result(timeout=60).status is RunStatus.COMPLETED
         old, _ = sentinel_deployment.kill_primary()
         sentinel_deployment.wait_promoted(old)
-        promoted = time.monotonic()
 
         def started() -> str | None:
             try:
@@ -217,9 +217,17 @@ def test_clients_follow_the_failover(sentinel_deployment: SentinelDeployment,
 
         wait_for(started, 60, 0.2, what="a start on the new primary")
         assert client.attach("after").result(timeout=60).status is RunStatus.COMPLETED
-        # Past the catalog's TTL the hosts listed are those that renewed their lease on
-        # the new primary: the worker's and the coordinator's heartbeats followed it.
-        time.sleep(max(0.0, promoted + 2 * ttl - time.monotonic()))
+        # The worker's and the coordinator's heartbeats followed: each renews its lease
+        # on the new primary (a lease replicated from the old one expires within a TTL
+        # of now), and the catalog lists the hosts from those leases.
+        seconds, micros = client.redis.time()
+        since = seconds + micros / 1e6
+
+        def renewed() -> bool:
+            leases = client.redis.zrange(f"{catalog_key()}:live", 0, -1, withscores=True)
+            return len([h for h, expires in leases if expires > since + ttl]) == 2
+
+        wait_for(renewed, 30, 0.2, what="both hosts to renew their lease on the new primary")
         assert client.workflow("Failover").hosts
     finally:
         client.close()
