@@ -59,26 +59,16 @@ if str(ROOT) not in sys.path:
 import redis  # noqa: E402
 
 from bench.throughput import WORKER_FLAGS, processes  # noqa: E402
+from bench.throughput import wait_done as throughput_wait_done  # noqa: E402
 
 KINDS = ("store", "broker", "chord")
 POLL = 0.05  # the bench's own loads of a run it waits for count as the store's commands
 
 
 def wait_done(handle: Any, timeout: float = 600.0) -> Any:
-    """Like bench/throughput.py's, looking every 50 ms: one load per run waited for, plus
-    one per 50 ms of the batch (~0.1 load per chain step, in the store's figures)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            res = handle.result(timeout=0)
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(POLL)
-            continue
-        if res.status.value != "completed":
-            raise RuntimeError(f"run {handle.run_id} ended {res.status.value}: {res.error}")
-        return res
+    """throughput's, looking every 50 ms: one load per run waited for, plus one per 50 ms
+    of the batch (~0.1 load per chain step, in the store's figures)."""
+    return throughput_wait_done(handle, timeout, POLL)
 
 
 @contextmanager

@@ -339,8 +339,8 @@ def timed(meter: CpuMeter, count: int, start: Callable[[], list[Any]],
     return rate, cpu
 
 
-def wait_done(handle: Any, timeout: float = TIMEOUT) -> Any:
-    """`handle.result()`, looking every POLL seconds (its own backoff grows to 250 ms,
+def wait_done(handle: Any, timeout: float = TIMEOUT, poll: float = POLL) -> Any:
+    """`handle.result()`, looking every `poll` seconds (its own backoff grows to 250 ms,
     which would add up to a quarter second to a timed phase)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -349,7 +349,7 @@ def wait_done(handle: Any, timeout: float = TIMEOUT) -> Any:
         except TimeoutError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(POLL)
+            time.sleep(poll)
             continue
         if res.status.value != "completed":
             raise RuntimeError(f"run {handle.run_id} ended {res.status.value}: {res.error}")
