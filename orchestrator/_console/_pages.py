@@ -26,11 +26,11 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from .._records import RunRecord, RunStatus
+from .._records import RunStatus
 from .._stores import StoreUnavailable
 from . import _views
 from ._auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL, Auth
-from ._service import Conflict, Forbidden, Identity, Invalid, NotFound, Operations
+from ._service import Conflict, Forbidden, Identity, Invalid, NotFound, Operations, RunView
 
 PAGE_SIZE = 25
 MAX_COMMENT = 2000
@@ -295,8 +295,8 @@ class Pages:
 
     def run(self, request: Request, run_id: str, done: str | None = None) -> Response:
         viewer = self.viewer(request)
-        record = self.ops.run(run_id)
-        parts = self.parts(request, viewer, record)
+        run = self.ops.look(run_id)
+        record, parts = run.record, self.parts(viewer, run)
         return self.render(request, viewer, "run.html", {
             "title": f"Run {record.run_id}", "record": record, "parts": parts,
             "notice": NOTICES.get(done or "", ""), "terminal": record.status.is_terminal})
@@ -304,18 +304,16 @@ class Pages:
     def live(self, request: Request, run_id: str) -> Response:
         """The run page's parts, re-rendered, each with a version the script compares."""
         viewer = self.viewer(request)
-        record = self.ops.run(run_id)
-        parts = self.parts(request, viewer, record)
+        run = self.ops.look(run_id)
+        record, parts = run.record, self.parts(viewer, run)
         return JSONResponse({
             "status": record.status.value, "terminal": record.status.is_terminal,
             "inbox": viewer.inbox, "parts": {name: {"html": str(p["html"]), "version": p["version"]}
                       for name, p in parts.items()}},
             headers={"Cache-Control": "no-store"})
 
-    def parts(self, request: Request, viewer: Viewer, record: RunRecord,
-              ) -> dict[str, dict[str, Any]]:
-        history = self.ops.history(record.run_id)
-        context = self.run_context(viewer, record, history)
+    def parts(self, viewer: Viewer, run: RunView) -> dict[str, dict[str, Any]]:
+        context = self.run_context(viewer, run)
         parts = {}
         for name in LIVE_PARTS:
             html = TEMPLATES.get_template(f"part_{name}.html").render(context)
@@ -323,14 +321,13 @@ class Pages:
                            "version": hashlib.sha1(html.encode()).hexdigest()[:16]}
         return parts
 
-    def run_context(self, viewer: Viewer, record: RunRecord,
-                    history: list[dict[str, Any]]) -> dict[str, Any]:
+    def run_context(self, viewer: Viewer, run: RunView) -> dict[str, Any]:
+        record, history, audit = run.record, run.history, run.audit
         try:
             entry = self.ops.workflow(record.workflow)
             shape = entry.shape or {s: {"next": t} for s, t in entry.graph.items()}
         except NotFound:  # no live host publishes it any more: no graph to draw
             shape = {}
-        audit = self.ops.audit(record.run_id)
         bad = None
         if audit and not audit["ok"] and audit.get("first_bad") is not None:
             bad = next((e for e in history if e.get("n") == audit["first_bad"]), None)
@@ -339,7 +336,7 @@ class Pages:
         return {"viewer": viewer, "record": record,
                 "started_by": first.get("by") if first.get("event") == "started" else None,
                 "started_via": first.get("source"),
-                "unhosted": self.ops.unhosted([record]).get(record.run_id),
+                "unhosted": run.unhosted,
                 "graph": _views.layout(shape, record, history) if shape else None,
                 "rows": rows[-TIMELINE_LIMIT:], "hidden_rows": max(0, len(rows) -
                                                                   TIMELINE_LIMIT),

@@ -35,7 +35,7 @@ SOURCES = ("console", "api")
 CONTROLS = ("pause", "resume", "stop")
 
 __all__ = ["CONTROLS", "Conflict", "Forbidden", "Identity", "Inbox", "Invalid", "NotFound",
-           "Operations"]
+           "Operations", "RunView"]
 
 
 class Forbidden(PermissionError):
@@ -75,6 +75,14 @@ class Identity:
 class Inbox:
     records: list[RunRecord]
     total: int  # gates the caller may decide, shown or not
+
+
+@dataclass(frozen=True)
+class RunView:
+    record: RunRecord
+    history: list[dict[str, Any]]
+    audit: dict[str, Any] | None  # the audit chain's verdict (None: no key here)
+    unhosted: str | None  # "no worker hosts W@V" while no live worker runs its version
 
 
 @dataclass(frozen=True)
@@ -187,11 +195,20 @@ class Operations:
     def history(self, run_id: str, start: int = 0) -> list[dict[str, Any]]:
         return self.handle(run_id).history(start)
 
+    def look(self, run_id: str) -> RunView:
+        """What a run's page shows, the run found once (not once per part)."""
+        handle = self.handle(run_id)
+        record = handle.record()
+        return RunView(record, handle.history(), self._audit(handle),
+                       self.unhosted([record]).get(record.run_id))
+
     def audit(self, run_id: str) -> dict[str, Any] | None:
         """The audit chain's verdict on the run's history; None when this console has no
         key (ORCHESTRATOR_AUDIT_KEY) or the run is not kept in Redis."""
+        return self._audit(self.handle(run_id))
+
+    def _audit(self, handle: RunHandle) -> dict[str, Any] | None:
         key = self.client.settings.audit_key
-        handle = self.handle(run_id)
         store = handle._store
         if not key or not isinstance(store, RedisStore):
             return None
