@@ -228,10 +228,7 @@ class Operations:
         total = 0
         for store in self._stores():
             if isinstance(store, RedisStore):
-                pipe = store.redis.pipeline(transaction=False)
-                for name in names:
-                    pipe.smembers(store._idx(f"gates:{name}"))
-                total += len({i for members in pipe.execute() for i in members})
+                total += len(_gate_members(store, names))
             else:
                 total += len({r.run_id for name in names for r in store.pending_gates(name)})
         return total
@@ -343,15 +340,21 @@ def _listed_as(user: User) -> set[str]:
     return {user.name, *(f"group:{g}" for g in user.groups)}
 
 
+def _gate_members(store: RedisStore, names: list[str]) -> set[str]:
+    """Run ids waiting at a gate that lists any of `names`: the union of their gate sets,
+    in one round trip."""
+    pipe = store.redis.pipeline(transaction=False)
+    for name in names:
+        pipe.smembers(store._idx(f"gates:{name}"))
+    return {_str(i) for members in pipe.execute() for i in members}
+
+
 def _gate_order(store: RedisStore, names: list[str],
                 workflows: set[str]) -> list[tuple[float, str]]:
     """(when its gate opened, run id) of the runs in `store` waiting for any of `names`:
     the members of the approvers' gate sets, scored from the gate-wait index of each
     workflow kept there (a run no such index holds: from its record)."""
-    pipe = store.redis.pipeline(transaction=False)
-    for name in names:
-        pipe.smembers(store._idx(f"gates:{name}"))
-    ids = sorted({_str(i) for members in pipe.execute() for i in members})
+    ids = sorted(_gate_members(store, names))
     if not ids:
         return []
     wfs = sorted(workflows)
