@@ -3,7 +3,8 @@
 Load the record, let the engine decide, compare-and-set the new record with its history
 and timer, and only then hand the decided commands to the dispatcher: state and the
 outbox of messages are written together, so a crash after the commit loses no message
-(the sweep re-sends what the record says was dispatched and never arrived).
+(the sweep re-sends what the record says was dispatched and never arrived). Where the
+store is the broker's own Redis, the commit writes the messages too (`Outbox`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ._dispatch.base import Dispatcher
 from ._middleware import Hooks
 from ._records import FlowSpec, ParentLink, RunRecord
 from ._registry import Registry
-from ._stores import Loaded, RunStore
+from ._stores import Loaded, Outbox, RunStore
 
 if TYPE_CHECKING:
     from ._children import ChildRuns
@@ -84,13 +85,14 @@ class Committer:
                                       release, decision.ignored or "")
                 return decision
             assert decision.record is not None
+            outbox, rest = self._outbox(store, [c for c in decision.commands
+                                                if run_here is None or not run_here(c)])
             if store.commit(current.record, current.version, decision.record, decision.history,
-                            self.due(decision.record), release):
-                if self.hooks:  # before sending: the next step's hooks come after this one
+                            self.due(decision.record), release, outbox):
+                if self.hooks:  # the messages the commit wrote may be running elsewhere
                     self.hooks.call("after_commit", current.record, decision.record,
                                     decision.history)
-                self.send(store, [c for c in decision.commands
-                                  if run_here is None or not run_here(c)])
+                self.send(store, rest)
                 if decision.record.status.is_terminal and not current.record.status.is_terminal:
                     # After its commands (a failed run's revokes): who hears of the end hears
                     # of it once what it decided is on its way.
@@ -120,6 +122,16 @@ class Committer:
         if self.hooks:
             self.hooks.call("on_ignored", run_id, what, reason)
 
+    def _outbox(self, store: RunStore, commands: list[engine.Command]
+                ) -> tuple[Outbox | None, list[engine.Command]]:
+        """The messages a create or commit writes itself, where the store is the broker's
+        Redis, and the commands to carry out after it (all of them elsewhere)."""
+        if commands and store.sends_for(self.settings.broker):
+            built = self.dispatcher.outbox(commands)
+            if built is not None:
+                return built
+        return None, commands
+
     def send(self, store: RunStore, commands: list[engine.Command]) -> None:
         """Send to queues; then act on other runs (children, parents) through `children`."""
         self.dispatcher.send([c for c in commands if not isinstance(c, engine.RUN_COMMANDS)])
@@ -145,12 +157,13 @@ class Committer:
         d = engine.start(spec, run_id, input, state, now, parent, by, source)
         assert d.record is not None
         d.record.trace_context = _tracing.carrier()  # the trace every step's span joins
-        if not store.create(d.record, d.history, self.due(d.record)):
+        outbox, rest = self._outbox(store, d.commands)
+        if not store.create(d.record, d.history, self.due(d.record), outbox):
             return run_id, False
         if self.hooks:
             self.hooks.call("after_commit", None, d.record, d.history)
         try:
-            self.send(store, d.commands)
+            self.send(store, rest)
         except Exception as exc:  # the broker is down: the record is the outbox
             log.warning("run %s: started, but its first step could not be sent (%s: %s); "
                         "the recovery sweep will send it", run_id, type(exc).__name__, exc)

@@ -8,12 +8,19 @@ from collections.abc import Iterable, Sequence
 from .._definition import Workflow
 from .._engine import Command
 from .._records import DEFAULT_QUEUE, Task
+from .._stores.base import Outbox
 
 
 class Dispatcher(abc.ABC):
     @abc.abstractmethod
     def send(self, commands: Sequence[Command]) -> None:
         """Send every command; called after the decision that produced them is committed."""
+
+    def outbox(self, commands: Sequence[Command]) -> tuple[Outbox, list[Command]] | None:
+        """The messages of `commands` as writes for a store on the broker's own Redis (see
+        Outbox), and the commands still to `send` after the commit; None where this
+        dispatcher cannot write its messages that way (everything is sent after it)."""
+        return None
 
     def queue_of(self, workflow: str, version: str, task: Task) -> str:
         return queue_for(task.queue, workflow, version)

@@ -1,9 +1,18 @@
 """CeleryDispatcher: each step a task named `<Workflow>.<Step>` on its queue; a fork is a
-chord of branch tasks whose body is the step after the fork, which joins the run first."""
+chord of branch tasks whose body is the step after the fork, which joins the run first.
+
+Where the broker is the store's own Redis, the messages are not published after a commit
+but written by it (`outbox`): Celery builds each message (`amqp.create_task_message`, as
+`send_task` does), and the commit script LPUSHes it onto its queue as kombu's Redis
+transport would, with a chord's size set as Celery's Redis backend sets it. A step hop
+then costs one round trip less, and a commit can no longer stand without its messages.
+"""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -14,10 +23,12 @@ from typing import Any, cast
 from celery import Celery, chord
 from celery.backends.redis import RedisBackend
 from kombu import Producer
+from kombu.utils.json import dumps as kombu_dumps
 
 from .._engine import Command, Revoke, SendFork, SendTask
 from .._kombu_fixes import reuse_client
 from .._records import Task
+from .._stores.base import Outbox
 from .base import Dispatcher, branch_task_name, step_task_name
 
 log = logging.getLogger("orchestrator.dispatch")
@@ -55,15 +66,84 @@ class CeleryDispatcher(Dispatcher):
                 ids = [self.message_id(cmd.run_id, t) for t in cmd.tasks]
                 self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
 
+    def outbox(self, commands: Sequence[Command]) -> tuple[Outbox, list[Command]] | None:
+        if not self._writes_queues or not any(isinstance(c, SendTask | SendFork)
+                                              for c in commands):
+            return None
+        writes: list[tuple[str, str, str]] = []
+        rest: list[Command] = []
+        for cmd in commands:
+            if isinstance(cmd, SendTask):
+                writes.append(self._push(cmd.workflow, cmd.version, cmd.run_id, cmd.task))
+            elif isinstance(cmd, SendFork):
+                writes += self._chord_writes(cmd)
+            else:
+                rest.append(cmd)
+        return Outbox(tuple(writes)), rest
+
+    @functools.cached_property
+    def _writes_queues(self) -> bool:
+        """Whether a message can be written straight onto its queue: kombu's Redis
+        transport with no key prefix, sent events or routes to honour (a publish would
+        apply them), and chords counted by Celery's Redis backend."""
+        conf = self.app.conf
+        with self.app.connection_for_write() as conn:
+            driver = conn.transport.driver_type
+        return (driver == "redis" and isinstance(self.app.backend, RedisBackend)
+                and not (conf.broker_transport_options or {}).get("global_keyprefix")
+                and not conf.task_send_sent_event and not conf.task_routes
+                and conf.task_default_priority is None and int(conf.task_protocol) == 2)
+
+    def _push(self, workflow: str, version: str, run_id: str, task: Task,
+              **chord: Any) -> tuple[str, str, str]:
+        """The LPUSH that sends one task: its message as kombu's Redis transport writes
+        it (an anonymous-exchange publish, priority 0, so the key is the queue's name)."""
+        name, options = self._message(workflow, version, run_id, task)
+        args, kwargs = options["args"], options.get("kwargs", {})
+        root_id = parent_id = None
+        parent = self.app.current_worker_task  # as send_task links a step to its sender
+        if parent is not None:
+            root_id = parent.request.root_id or parent.request.id
+            parent_id = parent.request.id
+        headers, properties, body, _ = self.app.amqp.create_task_message(
+            options["task_id"], name, args, kwargs, group_id=chord.get("group_id"),
+            group_index=chord.get("group_index"), chord=chord.get("chord"),
+            reply_to=self.app.thread_oid, time_limit=options.get("time_limit"),
+            soft_time_limit=options.get("soft_time_limit"), root_id=root_id,
+            parent_id=parent_id, ignore_result=True, argsrepr=repr(args),
+            kwargsrepr=repr(kwargs))
+        queue = options["queue"]
+        message = {
+            "body": base64.b64encode(kombu_dumps(body).encode()).decode(),
+            "content-encoding": "utf-8", "content-type": "application/json",
+            "headers": headers,
+            "properties": {**properties, "delivery_mode": 2,
+                           "delivery_info": {"exchange": "", "routing_key": queue},
+                           "priority": 0, "body_encoding": "base64",
+                           "delivery_tag": str(uuid.uuid4())}}
+        return queue, "push", kombu_dumps(message)
+
+    def _chord_writes(self, cmd: SendFork) -> list[tuple[str, str, str]]:
+        """A chord as `_send_chord` sends it on the Redis backend: its size first (what
+        the backend's set_chord_size writes), then each branch's message."""
+        backend: Any = self.app.backend  # a RedisBackend (_writes_queues)
+        group_id = uuid.uuid4().hex
+        body = self._chord_body(cmd)
+        writes = [(_text(backend.get_key_for_group(group_id, ".c")), "del", ""),
+                  (_text(backend.get_key_for_group(group_id, ".s")),
+                   f"set:{backend.chord_expires or 0}", str(len(cmd.tasks)))]
+        writes += [self._push(cmd.workflow, cmd.version, cmd.run_id, task, chord=body,
+                              group_id=group_id, group_index=index)
+                   for index, task in enumerate(cmd.tasks)]
+        return writes
+
     def _send_chord(self, cmd: SendFork, producer: Producer) -> None:
         """A Celery chord whose body is the step after the fork, told to join first.
 
         On the Redis result backend the header goes out as `group.apply_async` sends it (the
         chord's size in the backend, then each task carrying the body), without building
         the canvas, which costs more than the messages themselves."""
-        body = self._signature(cmd.workflow, cmd.version, cmd.run_id, cmd.then).set(
-            immutable=True)
-        body.kwargs["join"] = cmd.token
+        body = self._chord_body(cmd)
         if not isinstance(self.app.backend, RedisBackend):
             header = [self._signature(cmd.workflow, cmd.version, cmd.run_id, t)
                       for t in cmd.tasks]
@@ -74,6 +154,12 @@ class CeleryDispatcher(Dispatcher):
         for index, task in enumerate(cmd.tasks):
             self._publish(cmd.workflow, cmd.version, cmd.run_id, task, producer, chord=body,
                           group_id=group_id, group_index=index)
+
+    def _chord_body(self, cmd: SendFork) -> Any:
+        body = self._signature(cmd.workflow, cmd.version, cmd.run_id, cmd.then).set(
+            immutable=True)
+        body.kwargs["join"] = cmd.token
+        return body
 
     def queue_length(self, queue: str) -> int:
         try:
@@ -143,6 +229,10 @@ class CeleryDispatcher(Dispatcher):
         self.app.send_task(name, producer=producer, add_to_parent=False,
                            argsrepr=repr(options["args"]),
                            kwargsrepr=repr(options.get("kwargs", {})), **options, **extra)
+
+
+def _text(key: str | bytes) -> str:
+    return key.decode() if isinstance(key, bytes) else key
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """Run stores: one interface, one module per backend."""
 
-from .base import CorruptRecord, Loaded, RunPage, RunStore, StoreUnavailable, Waits
+from .base import CorruptRecord, Loaded, Outbox, RunPage, RunStore, StoreUnavailable, Waits
 from .memory import MemoryStore
 from .redis import RedisStore
 
-__all__ = ["CorruptRecord", "Loaded", "MemoryStore", "RedisStore", "RunPage", "RunStore",
+__all__ = ["CorruptRecord", "Loaded", "MemoryStore", "Outbox", "RedisStore", "RunPage", "RunStore",
            "StoreUnavailable", "Waits"]

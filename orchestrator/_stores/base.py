@@ -74,6 +74,18 @@ class EndWatch:
 
 
 @dataclass(frozen=True)
+class Outbox:
+    """Messages a store writes in the same atomic step as a create or a commit, when the
+    broker is the store's own Redis (`RunStore.sends_for`): the transition and what it
+    sends then stand or fall together, and sending costs no round trip of its own.
+
+    Each write is (key, op, value): op "push" puts a message on a queue (a Redis list),
+    "del" deletes the key, "set:<seconds>" sets it to expire after that long (0: never)."""
+
+    writes: tuple[tuple[str, str, str], ...]
+
+
+@dataclass(frozen=True)
 class RunPage:
     records: list[RunRecord]
     next_cursor: str | None  # None: nothing listed after these
@@ -89,8 +101,14 @@ class RunStore(abc.ABC):
         """The store's clock (seconds). Leases and timers use it, never a local clock."""
 
     @abc.abstractmethod
-    def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None) -> bool:
-        """Write a new run; False (and no write) if the run id exists already."""
+    def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None,
+               outbox: Outbox | None = None) -> bool:
+        """Write a new run (and send `outbox`); False (and no write) if the run id exists
+        already."""
+
+    def sends_for(self, broker_url: str) -> bool:
+        """Whether create and commit can take an Outbox for the broker at `broker_url`."""
+        return False
 
     @abc.abstractmethod
     def load(self, run_id: str) -> Loaded:
@@ -118,8 +136,10 @@ class RunStore(abc.ABC):
         history: list[dict[str, Any]],
         due: float | None,
         release: str | None = None,
+        outbox: Outbox | None = None,
     ) -> bool:
-        """Replace the record if it is still at `version`; append history, set the timer."""
+        """Replace the record if it is still at `version`; append history, set the timer,
+        send `outbox`. Nothing is written if the version moved on."""
 
     @abc.abstractmethod
     def note(self, run_id: str, entry: dict[str, Any], release: str | None = None) -> None:

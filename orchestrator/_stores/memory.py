@@ -24,6 +24,7 @@ from .base import (
     CorruptRecord,
     EndWatch,
     Loaded,
+    Outbox,
     RunPage,
     RunStore,
     Waits,
@@ -118,7 +119,9 @@ class MemoryStore(RunStore):
             return None
         return run
 
-    def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None) -> bool:
+    def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None,
+               outbox: Outbox | None = None) -> bool:
+        _no_outbox(outbox)
         with self._lock:
             if self._run(record.run_id) is not None:
                 return False
@@ -178,7 +181,9 @@ class MemoryStore(RunStore):
         history: list[dict[str, Any]],
         due: float | None,
         release: str | None = None,
+        outbox: Outbox | None = None,
     ) -> bool:
+        _no_outbox(outbox)
         with self._lock:
             run = self._run(record.run_id)
             if run is None or run.version != version:
@@ -392,3 +397,8 @@ class MemoryStore(RunStore):
             run = self._run(run_id)
             return None if run is None else {"v": str(run.version), "doc": run.doc,
                                              "wf": run.workflow}
+
+
+def _no_outbox(outbox: Outbox | None) -> None:
+    if outbox is not None:  # sends_for is False: a caller that sent one skipped asking
+        raise ValueError("a MemoryStore cannot send messages; send them after the commit")

@@ -70,6 +70,7 @@ from .base import (
     CorruptRecord,
     EndWatch,
     Loaded,
+    Outbox,
     RunPage,
     RunStore,
     StoreUnavailable,
@@ -155,6 +156,7 @@ class RedisStore(RunStore):
         # WAIT's timeout is in milliseconds, and 0 would mean forever.
         self._wait_ms = max(1, round(replicas_ack_timeout * 1000))
         self.safe_url = redact(url)
+        self._url = url if client is None else None  # a given client may be elsewhere
         self.redis = client or connect(url)
         self._create = self.redis.register_script(_script("create.lua"))
         self._commit = self.redis.register_script(_script("commit.lua"))
@@ -288,7 +290,13 @@ class RedisStore(RunStore):
         return sec + usec / 1e6
 
     @unavailable_as_store_error
-    def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None) -> bool:
+    def sends_for(self, broker_url: str) -> bool:
+        # Not with min_replicas_ack: a message must not be taken before the replicas have
+        # the commit it follows, and a script's writes are visible before its WAIT.
+        return self._url is not None and broker_url == self._url and not self.min_replicas_ack
+
+    def create(self, record: RunRecord, history: list[dict[str, Any]], due: float | None,
+               outbox: Outbox | None = None) -> bool:
         run_id, wf, status = record.run_id, record.workflow, record.status
         keys = [self._rec(run_id), *self._hist(run_id), self._listing(None, None),
                 self._listing(status, None), self._listing(None, wf), self._listing(status, wf),
@@ -296,7 +304,8 @@ class RedisStore(RunStore):
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *self._sealed(run_id, history, new=True)]
-        return bool(self._acked(self._create, keys, args))
+        out_keys, out_args = _outbox_tail(outbox)
+        return bool(self._acked(self._create, [*keys, *out_keys], [*args, *out_args]))
 
     @unavailable_as_store_error
     def load(self, run_id: str) -> Loaded:
@@ -360,6 +369,7 @@ class RedisStore(RunStore):
         history: list[dict[str, Any]],
         due: float | None,
         release: str | None = None,
+        outbox: Outbox | None = None,
     ) -> bool:
         run_id, wf = record.run_id, record.workflow
         before, after = gate_approvers(previous), gate_approvers(record)
@@ -387,9 +397,11 @@ class RedisStore(RunStore):
                 "" if record.fork is None else str(record.fork.token), wf,
                 ended_as(previous, record) or "",
                 *(_wait_op(previous, record, kind) for kind in WAIT_KINDS)]
+        out_keys, out_args = _outbox_tail(outbox)
+        keys += out_keys
         for _ in range(_CHAIN_RETRIES):
             done = int(self._acked(self._commit, keys,
-                                   [*args, *self._sealed(run_id, history)]))
+                                   [*args, *self._sealed(run_id, history), *out_args]))
             if done >= 0:
                 return bool(done)
         raise _chain_contended(run_id)
@@ -612,6 +624,13 @@ def _listed(run_id: str, doc: bytes | None) -> RunRecord | None:
         return parse_record(run_id, doc)
     except CorruptRecord:
         return None
+
+
+def _outbox_tail(outbox: Outbox | None) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments a script's send_outbox (lib.lua) reads at the end of its own."""
+    writes = outbox.writes if outbox is not None else ()
+    args: list[str | int] = [part for _, op, value in writes for part in (op, value)]
+    return [key for key, _, _ in writes], [*args, len(writes)]
 
 
 def _wait_op(previous: RunRecord, record: RunRecord, kind: str) -> str:

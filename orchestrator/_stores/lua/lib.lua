@@ -60,3 +60,31 @@ local function forget(prefix, id)
   redis.call('ZREM', prefix .. 'expiry', id)
   redis.call('HDEL', prefix .. 'expiry:workflow', id)
 end
+
+-- The messages a create or a commit sends when the broker is this same Redis, written in
+-- the same atomic step as the run (so a committed transition and its messages stand or
+-- fall together). The last ARGV is how many writes n; they are the last n KEYS, each
+-- with an (op, value) pair among the 2n ARGV before it: 'push' LPUSHes a task message
+-- onto its queue, as kombu's Redis transport does; 'del' deletes; 'set:<s>' sets (a
+-- chord's size), to expire after s seconds (0: never). Returns where the caller's own
+-- ARGV and KEYS end.
+local function send_outbox()
+  local n = tonumber(ARGV[#ARGV])
+  local k0, a0 = #KEYS - n, #ARGV - 1 - 2 * n
+  for i = 1, n do
+    local key, op, value = KEYS[k0 + i], ARGV[a0 + 2 * i - 1], ARGV[a0 + 2 * i]
+    if op == 'push' then
+      redis.call('LPUSH', key, value)
+    elseif op == 'del' then
+      redis.call('DEL', key)
+    else
+      local ttl = tonumber(string.sub(op, 5))
+      if ttl > 0 then
+        redis.call('SET', key, value, 'EX', ttl)
+      else
+        redis.call('SET', key, value)
+      end
+    end
+  end
+  return a0, k0
+end
