@@ -44,10 +44,11 @@ def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
     return found
 
 
-def _chord_keys(client: redis.Redis) -> list[tuple[bytes, bytes | None, bool]]:
+def _chord_keys(client: redis.Redis) -> list[tuple[str, Any, bool]]:
     """Each chord counter key's suffix, value and whether it expires."""
-    return sorted((k.rsplit(b".", 1)[1], client.get(k), client.ttl(k) > 0)
-                  for k in client.keys("celery-taskset-meta-*"))
+    keys = [k.decode() if isinstance(k, bytes) else k
+            for k in client.keys("celery-taskset-meta-*")]
+    return sorted((k.rsplit(".", 1)[1], client.get(k), client.ttl(k) > 0) for k in keys)
 
 
 def _new_run(run_id: str) -> tuple[Any, list[dict[str, Any]]]:
@@ -78,7 +79,7 @@ def test_outbox_messages_are_the_ones_celery_publishes(redis_url: str,
 
     assert _queued(rclient, queue) == published
     assert len(published) == 3 and published[0]["headers"]["group_index"] == 1
-    assert _chord_keys(rclient) == published_chord == [(b"s", b"2", True)]
+    assert _chord_keys(rclient) == published_chord == [("s", b"2", True)]
 
 
 def test_a_commit_that_loses_its_version_race_sends_nothing(redis_url: str,
