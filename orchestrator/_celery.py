@@ -98,6 +98,7 @@ def create_app(
         app.host(wf)
     # Workers and coordinators announce what they serve, and keep announcing it.
     app.steps["worker"].add(CatalogHeartbeat)
+    app.steps["consumer"].add(ReuseRedisClients)
     return app
 
 
@@ -125,6 +126,18 @@ def _run_context_logs(logger: logging.Logger, **kwargs: Any) -> None:
 # Connected once for the process (dispatch_uid), not once per app.
 for _signal in (signals.after_setup_logger, signals.after_setup_task_logger):
     _signal.connect(_run_context_logs, weak=False, dispatch_uid="orchestrator-run-context")
+
+
+class ReuseRedisClients(bootsteps.StartStopStep):
+    """The worker's task channel keeps one Redis client for its acks and deliveries:
+    kombu builds a client for each (see _kombu_fixes.reuse_client), an eighth of a
+    worker's main-process CPU per message. Started again with every new connection."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        if c.task_consumer is not None:
+            _kombu_fixes.reuse_client(c.task_consumer.channel)
 
 
 class Sweeper(bootsteps.StartStopStep):

@@ -33,8 +33,9 @@ constructor fills its table of ~170 response callbacks each time: a fifth of the
 sending one task. `reuse_client(channel)` makes a channel keep the client it made and hand it
 out again while its connection pool is the same one (a client is only a handle on that
 pool, safe across threads; kombu replaces the pool after a disconnect, and then a new client
-is made). Only the channels our dispatcher publishes on get it, not every kombu channel of
-the process (another Celery app in it is left as kombu made it).
+is made). Only the channels our dispatcher publishes on, and a worker's task channel (its
+acks and the unacked index of each delivery, made the same way), get it, not every kombu
+channel of the process (another Celery app in it is left as kombu made it).
 """
 
 from __future__ import annotations
