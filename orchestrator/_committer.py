@@ -9,6 +9,7 @@ store is the broker's own Redis, the commit writes the messages too (`Outbox`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -85,15 +86,16 @@ class Committer:
                                       release, decision.ignored or "")
                 return decision
             assert decision.record is not None
+            ends = decision.record.status.is_terminal and not current.record.status.is_terminal
             outbox, rest = self._outbox(store, [c for c in decision.commands
-                                                if run_here is None or not run_here(c)])
+                                                if run_here is None or not run_here(c)], ends)
             if store.commit(current.record, current.version, decision.record, decision.history,
                             self.due(decision.record), release, outbox):
                 if self.hooks:  # the messages the commit wrote may be running elsewhere
                     self.hooks.call("after_commit", current.record, decision.record,
                                     decision.history)
                 self.send(store, rest)
-                if decision.record.status.is_terminal and not current.record.status.is_terminal:
+                if ends and not (outbox is not None and outbox.announce_end):
                     # After its commands (a failed run's revokes): who hears of the end hears
                     # of it once what it decided is on its way.
                     store.announce_end(run_id)
@@ -110,9 +112,9 @@ class Committer:
 
     def join(self, store: RunStore, run_id: str, token: int, spec: FlowSpec | None,
              run_here: Callable[[engine.Command], bool] | None = None) -> engine.Decision:
-        results = store.branch_results(run_id, token)
+        loaded, results = store.load_joining(run_id, token)
         return self.apply(store, run_id, lambda r, now: engine.Join(token, now, results), spec,
-                          run_here=run_here)
+                          run_here=run_here, loaded=loaded)
 
     def note_ignored(self, store: RunStore, run_id: str, now: float, what: str, token: str,
                      reason: str) -> None:
@@ -122,15 +124,18 @@ class Committer:
         if self.hooks:
             self.hooks.call("on_ignored", run_id, what, reason)
 
-    def _outbox(self, store: RunStore, commands: list[engine.Command]
+    def _outbox(self, store: RunStore, commands: list[engine.Command], ends: bool
                 ) -> tuple[Outbox | None, list[engine.Command]]:
-        """The messages a create or commit writes itself, where the store is the broker's
-        Redis, and the commands to carry out after it (all of them elsewhere)."""
-        if commands and store.sends_for(self.settings.broker):
-            built = self.dispatcher.outbox(commands)
-            if built is not None:
-                return built
-        return None, commands
+        """What a create or commit writes itself, where the store is the broker's Redis
+        (its messages; the run's end if it `ends` and nothing is left to do after it), and
+        the commands to carry out after it (all of them elsewhere)."""
+        if not store.sends_for(self.settings.broker):
+            return None, commands
+        built = self.dispatcher.outbox(commands) if commands else None
+        outbox, rest = built if built is not None else (Outbox(), commands)
+        if ends and not rest:
+            outbox = dataclasses.replace(outbox, announce_end=True)
+        return (outbox if outbox.writes or outbox.announce_end else None), rest
 
     def send(self, store: RunStore, commands: list[engine.Command]) -> None:
         """Send to queues; then act on other runs (children, parents) through `children`."""
@@ -157,7 +162,7 @@ class Committer:
         d = engine.start(spec, run_id, input, state, now, parent, by, source)
         assert d.record is not None
         d.record.trace_context = _tracing.carrier()  # the trace every step's span joins
-        outbox, rest = self._outbox(store, d.commands)
+        outbox, rest = self._outbox(store, d.commands, ends=False)
         if not store.create(d.record, d.history, self.due(d.record), outbox):
             return run_id, False
         if self.hooks:

@@ -12,7 +12,7 @@ import redis
 from orchestrator import Settings, create_app
 from orchestrator import _engine as engine
 from orchestrator._engine import Revoke, SendFork, SendTask
-from orchestrator._records import StepPolicy, Task
+from orchestrator._records import BranchResult, StepPolicy, Task
 from orchestrator._registry import spec_of
 from orchestrator._stores import Outbox, RedisStore
 from tests import flows
@@ -127,3 +127,35 @@ def test_a_publish_that_would_do_more_is_not_replaced(redis_url: str) -> None:
     prefixed = create_app(Settings(redis_url=redis_url), [WF], import_modules=False)
     prefixed.conf.broker_transport_options = {"global_keyprefix": "x:"}
     assert prefixed.runtime.dispatcher.outbox(commands) is None
+
+
+def test_a_commit_that_ends_the_run_announces_it_in_the_same_step(redis_url: str,
+                                                                 rclient: redis.Redis) -> None:
+    store = RedisStore(redis_url, "t:")
+    record, history = _new_run("run4")
+    assert store.create(record, history, None)
+    version = store.load("run4").version
+    pubsub = rclient.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("t:ended:{run4}")
+    assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
+
+    assert store.commit(record, version, record, [], None, None, Outbox(announce_end=True))
+    heard = pubsub.get_message(timeout=5)
+    assert heard is not None and heard["data"] == b"ended"
+    assert not store.commit(record, version, record, [], None, None, Outbox(announce_end=True))
+    assert pubsub.get_message(timeout=0.2) is None  # a commit that lost says nothing
+    pubsub.close()
+
+
+def test_a_join_reads_the_results_and_the_run_in_one_go(redis_url: str,
+                                                       rclient: redis.Redis) -> None:
+    store = RedisStore(redis_url, "t:")
+    record, history = _new_run("run5")
+    assert store.create(record, history, None)
+    done = BranchResult(output={"n": 1}, finished_at=2.0)
+    rclient.hset("t:run:{run5}:fork:7", "a", done.model_dump_json())
+    loaded, results = store.load_joining("run5", 7)
+    assert results == {"a": done}
+    assert (loaded.record, loaded.version, results) == (
+        store.load("run5").record, store.load("run5").version, store.branch_results("run5", 7))
+    assert loaded.record is not None and loaded.record.run_id == "run5"

@@ -80,9 +80,12 @@ class Outbox:
     sends then stand or fall together, and sending costs no round trip of its own.
 
     Each write is (key, op, value): op "push" puts a message on a queue (a Redis list),
-    "del" deletes the key, "set:<seconds>" sets it to expire after that long (0: never)."""
+    "del" deletes the key, "set:<seconds>" sets it to expire after that long (0: never).
+    With `announce_end`, the commit also does what `announce_end` does, in the same step
+    (the run ends with it, and nothing is carried out after it)."""
 
-    writes: tuple[tuple[str, str, str], ...]
+    writes: tuple[tuple[str, str, str], ...] = ()
+    announce_end: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,11 @@ class RunStore(abc.ABC):
 
     @abc.abstractmethod
     def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]: ...
+
+    def load_joining(self, run_id: str, token: int) -> tuple[Loaded, dict[str, BranchResult]]:
+        """What a join of fork `token` reads: the branches' results, then the run."""
+        results = self.branch_results(run_id, token)
+        return self.load(run_id), results
 
     @abc.abstractmethod
     def claim_due(self, limit: int, hold_for: float) -> list[str]:

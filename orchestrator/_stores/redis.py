@@ -304,7 +304,7 @@ class RedisStore(RunStore):
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *self._sealed(run_id, history, new=True)]
-        out_keys, out_args = _outbox_tail(outbox)
+        out_keys, out_args = _outbox_tail(outbox, self._ended(run_id))
         return bool(self._acked(self._create, [*keys, *out_keys], [*args, *out_args]))
 
     @unavailable_as_store_error
@@ -397,7 +397,7 @@ class RedisStore(RunStore):
                 "" if record.fork is None else str(record.fork.token), wf,
                 ended_as(previous, record) or "",
                 *(_wait_op(previous, record, kind) for kind in WAIT_KINDS)]
-        out_keys, out_args = _outbox_tail(outbox)
+        out_keys, out_args = _outbox_tail(outbox, self._ended(run_id))
         keys += out_keys
         for _ in range(_CHAIN_RETRIES):
             done = int(self._acked(self._commit, keys,
@@ -423,8 +423,16 @@ class RedisStore(RunStore):
 
     @unavailable_as_store_error
     def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]:
-        raw = self.redis.hgetall(self._fork(run_id, token))
-        return {_text(k): BranchResult.model_validate_json(v) for k, v in raw.items()}
+        return _results(self.redis.hgetall(self._fork(run_id, token)))
+
+    @unavailable_as_store_error
+    def load_joining(self, run_id: str, token: int) -> tuple[Loaded, dict[str, BranchResult]]:
+        pipe = self.redis.pipeline(transaction=False)  # one round trip, in this order
+        pipe.hgetall(self._fork(run_id, token))
+        pipe.time()
+        pipe.hmget(self._rec(run_id), "v", "doc")
+        raw, (sec, usec), (v, doc) = pipe.execute()
+        return _loaded(run_id, v, doc, sec + usec / 1e6), _results(raw)
 
     @unavailable_as_store_error
     def claim_due(self, limit: int, hold_for: float) -> list[str]:
@@ -615,6 +623,10 @@ def _loaded(run_id: str, v: bytes | None, doc: bytes | None, now: float,
     return Loaded(parse_record(run_id, doc), int(v or 0), now, starts)
 
 
+def _results(raw: dict[Any, Any]) -> dict[str, BranchResult]:
+    return {_text(k): BranchResult.model_validate_json(v) for k, v in raw.items()}
+
+
 def _listed(run_id: str, doc: bytes | None) -> RunRecord | None:
     """A listed run's record; None if it expired since it was listed, or is corrupt (the
     sweep quarantines those: one bad record must not break every listing)."""
@@ -626,9 +638,12 @@ def _listed(run_id: str, doc: bytes | None) -> RunRecord | None:
         return None
 
 
-def _outbox_tail(outbox: Outbox | None) -> tuple[list[str], list[str | int]]:
-    """The keys and arguments a script's send_outbox (lib.lua) reads at the end of its own."""
+def _outbox_tail(outbox: Outbox | None, ended: str) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments a script's send_outbox (lib.lua) reads at the end of its own;
+    `ended` is the channel announce_end publishes on."""
     writes = outbox.writes if outbox is not None else ()
+    if outbox is not None and outbox.announce_end:
+        writes = (*writes, (ended, "publish", "ended"))
     args: list[str | int] = [part for _, op, value in writes for part in (op, value)]
     return [key for key, _, _ in writes], [*args, len(writes)]
 

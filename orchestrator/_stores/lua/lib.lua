@@ -66,8 +66,10 @@ end
 -- fall together). The last ARGV is how many writes n; they are the last n KEYS, each
 -- with an (op, value) pair among the 2n ARGV before it: 'push' LPUSHes a task message
 -- onto its queue, as kombu's Redis transport does; 'del' deletes; 'set:<s>' sets (a
--- chord's size), to expire after s seconds (0: never). Returns where the caller's own
--- ARGV and KEYS end.
+-- chord's size), to expire after s seconds (0: never); 'publish' publishes on the channel
+-- given as the key (the run's end), and only tries (an ACL may deny the channel). Those who
+-- hear it read the run after the script, so it need not come last. Returns where the
+-- caller's own ARGV and KEYS end.
 local function send_outbox()
   local n = tonumber(ARGV[#ARGV])
   local k0, a0 = #KEYS - n, #ARGV - 1 - 2 * n
@@ -77,6 +79,8 @@ local function send_outbox()
       redis.call('LPUSH', key, value)
     elseif op == 'del' then
       redis.call('DEL', key)
+    elseif op == 'publish' then
+      redis.pcall('PUBLISH', key, value)
     else
       local ttl = tonumber(string.sub(op, 5))
       if ttl > 0 then
