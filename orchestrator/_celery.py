@@ -63,13 +63,13 @@ class OrchestratorApp(Celery):
             except SoftTimeLimitExceeded:
                 # The step's time limit covers the whole task: it can fire after the step
                 # returned, while its outcome is committed or sent. What was committed
-                # stands, and the sweep sends what was not; the chord must not see FAILURE.
+                # stands, and the sweep sends what was not.
                 log.warning("run %s: time limit reached after the step of token %s returned",
                             run_id, token)
                 return "interrupted"
-            # A branch that will be retried must still count as a success toward its
-            # chord, so the chord's body joins; only a branch that failed the run, and
-            # any failed step, is shown as FAILURE.
+            # Only a branch that failed the run, and any failed step, is shown as FAILURE:
+            # a branch that will be retried is not (in a chord sent by an older version,
+            # a FAILURE would fail the chord, and its body would never join).
             if outcome.error is not None and (branch is None or outcome.status == "failed"):
                 raise StepFailed(outcome.error)
             return outcome.status

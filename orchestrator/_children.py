@@ -141,5 +141,5 @@ class ChildRuns:
             kept = self.committer.keep_branch(store, run_id, ended.token, ended.branch,
                                               verdict, lease, ended.now)
             spec = self.committer.registry.spec(parent.workflow)
-            if kept == verdict.width and spec is not None:
+            if kept is not None and kept >= verdict.width and spec is not None:
                 self.committer.join(store, run_id, ended.token, spec)

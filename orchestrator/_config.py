@@ -120,7 +120,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     backend, backend_options = _redis_url.celery_url(settings.redis_url)
     conf: dict[str, Any] = {
         "broker_url": broker,
-        "result_backend": backend,  # chord counters only; our store holds results
+        # Our store holds results and counts a fork's branches; Celery's backend counts
+        # only the chords that runs forked by an older version sent.
+        "result_backend": backend,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -335,7 +335,7 @@ class Branch:
 
 @dataclass(frozen=True)
 class Parallel:
-    """Run branches concurrently (a Celery chord), then continue at `then`.
+    """Run branches concurrently (Celery tasks, one group), then continue at `then`.
 
     `Parallel([build_linux, build_mac], "Bundle")` names branches by function name;
     a dict gives explicit names. `Parallel.map(fn, items, "Next")` fans out over data.

@@ -303,14 +303,13 @@ class SendTask:
 
 @dataclass(frozen=True)
 class SendFork:
-    """Send the branches as one chord whose body joins fork `token` and, if that join is
-    the one that closes the fork, runs task `then` (the step after it) where it joined."""
+    """Send the branches of fork `token`, as one group: the fork is joined by whichever
+    branch keeps the last result (KeepBranch), and the join sends the step after it."""
 
     run_id: str
     workflow: str
     token: int
     tasks: tuple[Task, ...]
-    then: Task
     version: str = ""
 
 
@@ -477,14 +476,13 @@ def expects(rec: RunRecord, token: int, branch: str | None) -> bool:
 @dataclass(frozen=True)
 class KeepBranch:
     """A branch succeeded: keep its result beside the record (siblings finishing at once do
-    not contend for the record). Once `width` results are kept, the fork is complete; if
-    `joins` is set this branch must then join it itself: a retried or re-sent branch was
-    not in the chord that was sent, whose join has come and gone."""
+    not contend for the record). Once `width` results are kept, the fork is complete, and
+    the branch that kept the last one joins it (a join that finds a leaf still running,
+    after a sibling fanned out again, changes nothing)."""
 
     result: BranchResult
     entry: dict[str, Any]
     width: int
-    joins: bool
 
 
 @dataclass(frozen=True)
@@ -519,13 +517,12 @@ def settle_branch(rec: RunRecord, ev: StepDone | StepFailed, succeeded: bool) ->
                           finished_at=ev.now, attempt=task.attempt)
     entry = {"at": ev.now, "event": "branch_completed", "step": rec.fork.step,
              "branch": ev.branch}
-    return KeepBranch(result, entry, len(rec.fork.leaves()), joins=task.attempt > 1)
+    return KeepBranch(result, entry, len(rec.fork.leaves()))
 
 
 def settle_child_branch(rec: RunRecord, ev: ChildEnded) -> BranchVerdict:
-    """A branch's child ended: its result is the branch's output, kept like a branch's own
-    (the chord that sent the branch joined long ago, so this one joins); a child that
-    failed or stopped fails the branch."""
+    """A branch's child ended: its result is the branch's output, kept like a branch's own;
+    a child that failed or stopped fails the branch."""
     b = _branch_calling(rec, ev)
     if b is None:
         return IgnoreBranch(f"not waiting for child {ev.run_id}")
@@ -536,7 +533,7 @@ def settle_child_branch(rec: RunRecord, ev: ChildEnded) -> BranchVerdict:
     result = BranchResult(output=ev.result(), finished_at=ev.now, attempt=b.task.attempt)
     entry = {"at": ev.now, "event": "branch_completed", "step": fork.step,
              "branch": ev.branch, "child": ev.run_id}
-    return KeepBranch(result, entry, len(fork.leaves()), joins=True)
+    return KeepBranch(result, entry, len(fork.leaves()))
 
 
 # ---- handlers -------------------------------------------------------------------------
@@ -1182,7 +1179,7 @@ def _add_branches(fork: Fork, specs: tuple[BranchSpec, ...], parent: str, now: f
 
 def _expand(d: Decision, branch: str, out: FanOut, ev: StepDone) -> Decision:
     """A branch fanned out again: its children join the same fork, sent as their own
-    chord; the branch's output is gathered from theirs at the fork's join."""
+    group; the branch's output is gathered from theirs at the fork's join."""
     rec = _rec(d)
     fork = rec.fork
     assert fork is not None
@@ -1205,10 +1202,8 @@ def _send_fork(d: Decision, now: float) -> None:
         return
     for t in pending:
         t.dispatched_at = now
-    then = Task(step=fork.then, token=fork.then_token, policy=fork.then_policy, due_at=now,
-                dispatched_at=now)
     d.commands.append(SendFork(rec.run_id, rec.workflow, fork.token,
-                               tuple(t.model_copy() for t in pending), then, rec.version))
+                               tuple(t.model_copy() for t in pending), rec.version))
 
 
 def _join(

@@ -169,7 +169,7 @@ class Fork(BaseModel):
     then_policy: StepPolicy
     branches: dict[str, BranchState]
     base_state: dict[str, Any]
-    then_token: int = 0  # reserved at the fork, so the chord's body can name its task
+    then_token: int = 0  # reserved at the fork: the token of the step after the join
 
     def leaves(self) -> dict[str, BranchState]:
         """The branches that run (a nested fan-out's own entry runs no more)."""

@@ -205,11 +205,6 @@ class Runtime:
         store = self.store_for(wf.persistence_options.key_prefix)
         return self.worker.execute(wf, store, run_id, token, branch, join, attempt)
 
-    def join(self, workflow: str, run_id: str, token: int) -> engine.Decision:
-        wf = self.workflow(workflow)
-        return self.worker.join(wf, self.store_for(wf.persistence_options.key_prefix),
-                                run_id, token)
-
     # ---- timers and recovery -----------------------------------------------------------
 
     def sweep(self, store: RunStore, limit: int | None = None) -> int:

@@ -1,5 +1,5 @@
 """The recovery sweep: fire due timers (retry backoff, gate timeouts) and drive on runs
-whose work was lost (a message dropped, a chord's join lost, a worker killed whole).
+whose work was lost (a message dropped, a fork's join lost, a worker killed whole).
 
 Coordinators run it every sweep interval; the embedded mode runs it on a thread. A run is
 only re-sent when its work is really lost: no live lease, and (where the transport lets

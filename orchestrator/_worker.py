@@ -42,9 +42,9 @@ class WorkerExecution:
                 attempt: int = 1) -> Outcome:
         """Run task `token` (`attempt`, as the message says) of `run_id`.
 
-        With `join`, this is a chord's body: join fork `join` first, and run the step
-        after it (task `token`) only if this join is the one that closed the fork. Running
-        it here saves the hop a join on the coordinator would cost."""
+        With `join`, this is the body of a chord sent before forks were joined by their
+        last branch (a run forked by an older version): join fork `join` first, and run
+        the step after it (task `token`) only if this join is the one that closed it."""
         if join is not None and not self._join_into(wf, store, run_id, join, token):
             return Outcome("skipped")
         lease_id = f"{token}" if branch is None else f"{token}:{branch}"
@@ -158,7 +158,7 @@ class WorkerExecution:
             self.committer.note_ignored(store, rec.run_id, event.now, "StepDone", lease_id,
                                         "fork closed or branch recorded")
             return Outcome("ignored")
-        if kept == verdict.width and verdict.joins:
+        if kept >= verdict.width:  # the last result: this branch joins the fork
             self.join(wf, store, rec.run_id, event.token)
         return Outcome("done")
 

@@ -483,7 +483,7 @@ def worker(settings: Settings, queues: str | None, concurrency: int | None, pool
 def coordinator(settings: Settings, concurrency: int, loglevel: str, hostname: str,
                 metrics_port: int | None, metrics_address: str,
                 celery_args: tuple[str, ...]) -> None:
-    """Run a coordinator: fires timers, recovers lost work (lost steps, lost chord bodies)."""
+    """Run a coordinator: fires timers, recovers lost work (lost steps, lost joins)."""
     app = _serving_app(settings, metrics_port, metrics_address, cluster=True)
     app.steps["worker"].add(Sweeper)
     _celery_worker(app, ["worker", "-Q", COORDINATOR_QUEUE, "-P", "threads", "-c",

@@ -413,7 +413,7 @@ def test_a_branch_that_fans_out_again_sends_its_children_into_the_same_fork() ->
     assert sorted(fork.leaves()) == ["x/p", "x/q", "y"]
     (cmd,) = d.commands
     assert isinstance(cmd, SendFork) and [t.branch for t in cmd.tasks] == ["x/p", "x/q"]
-    assert cmd.token == fork.token and cmd.then.step == "C" and cmd.then.token == fork.then_token
+    assert cmd.token == fork.token
     assert fork.state_seen_by("x/p") == {"n": 1, "a": 1}  # what x set before fanning out
     assert [h["event"] for h in d.history] == ["branch_forked"]
     assert not nested_done(d.record, "x", "p").changed  # a duplicate of x: x runs no more
@@ -631,7 +631,7 @@ def test_settle_branch_keeps_a_success_and_routes_the_rest_through_apply() -> No
     ok = StepDone(token, 130.0, {"a": 1}, GoTo(END, "out", True), "x")
     kept = engine.settle_branch(rec, ok, succeeded=False)
     assert isinstance(kept, engine.KeepBranch)
-    assert kept.result.output == "out" and kept.width == 2 and not kept.joins
+    assert kept.result.output == "out" and kept.width == 2
     error = RunError(type="E", message="m")
     failed = StepFailed(token, 130.0, error, branch="x")
     assert isinstance(engine.settle_branch(rec, failed, succeeded=True), engine.IgnoreBranch)
@@ -641,25 +641,6 @@ def test_settle_branch_keeps_a_success_and_routes_the_rest_through_apply() -> No
     assert isinstance(engine.settle_branch(rec, nested, succeeded=False), engine.ApplyToRun)
     stale = StepDone(token + 7, 130.0, {}, GoTo(END), "x")
     assert isinstance(engine.settle_branch(rec, stale, succeeded=False), engine.IgnoreBranch)
-
-
-def test_a_retried_branch_joins_the_fork_itself() -> None:
-    rec = forked("x")
-    assert rec.fork is not None
-    d = engine.apply(rec, StepFailed(rec.fork.token, 130.0, RunError(type="E", message="m"),
-                                     branch="x", attempt=1), FlowSpec("W", "v1", SPEC.steps))
-    # no retries in Q's policy: the run fails; with retries the retry joins itself
-    assert d.record is not None and d.record.status is RunStatus.FAILED
-    policy = StepPolicy(queue="q", retries=1, backoff=0)
-    rec2 = done(started(), FanOut((BranchSpec("x", "m:x", policy),), "C")).record
-    assert rec2 is not None and rec2.fork is not None
-    retried = engine.apply(rec2, StepFailed(rec2.fork.token, 130.0,
-                                            RunError(type="E", message="m"), branch="x",
-                                            attempt=1), SPEC).record
-    assert retried is not None
-    ok = StepDone(rec2.fork.token, 131.0, {}, GoTo(END, 1, True), "x")
-    verdict = engine.settle_branch(retried, ok, succeeded=False)
-    assert isinstance(verdict, engine.KeepBranch) and verdict.joins
 
 
 def test_the_sweep_leaves_a_task_whose_message_still_waits() -> None:

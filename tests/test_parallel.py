@@ -1,4 +1,5 @@
-"""Parallel branches as Celery chords, through real Redis and real workers."""
+"""Parallel branches (a Celery group joined by the store), through real Redis and real
+workers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import redis
 
 from orchestrator import RunStatus, WorkflowRunner
 from orchestrator._config import DEFAULT_QUEUE
+from orchestrator._dispatch.base import Dispatcher
+from orchestrator._records import BranchResult
+from orchestrator._runtime import Runtime
 from tests import flows
 from tests.conftest import Cluster, Runner, step_queue, wait_for
 
@@ -67,20 +71,47 @@ def test_failing_branch_fails_run_and_revokes_siblings(cluster: Cluster,
     assert [e for e in flows.events(rclient, "fb1") if e["what"] == "finished"] == []
 
 
-def test_lost_chord_body_is_redriven_by_the_sweep(cluster_factory: Callable[..., Cluster],
-                                                  rclient: redis.Redis) -> None:
+class _Taken(Dispatcher):
+    """What a worker that dies right after its commits would have sent: kept, not sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, commands: Any) -> None:
+        self.sent.extend(commands)
+
+
+def _forked_unjoined(c: Cluster, run_id: str) -> Any:
+    """A run of fan_out_far_gather whose branches all kept their results and whose fork
+    nobody joined: this test's process plays the workers, and the one that keeps the last
+    result dies before it joins."""
+    wf = flows.fan_out_far_gather
+    handle = WorkflowRunner(wf, app=c.app).run({"width": 4}, run_id=run_id)
+    redis.Redis.from_url(c.redis_url).delete(step_queue(wf))  # this process takes Fan
+    dying = Runtime(_Taken(), c.settings, [wf])
+    store = dying.store_for(wf.persistence_options.key_prefix)
+    dying.execute(wf.name, run_id, handle.record().task.token)
+    fork = dying.dispatcher.sent.pop()  # type: ignore[attr-defined]
+    *first, last = fork.tasks
+    for task in first:  # recorded, and not the last: nobody joins yet
+        assert dying.execute(wf.name, run_id, task.token, task.branch).status == "done"
+    kept = store.record_branch(
+        run_id, last.token, last.branch, BranchResult(output=last.item ** 2 + 1,
+                                                      finished_at=store.now()),
+        {"at": store.now(), "event": "branch_completed", "step": "Fan", "branch": last.branch},
+        last.lease_id, len(fork.tasks), store.now() + c.settings.join_after)
+    assert kept == len(fork.tasks) and handle.record().fork is not None
+    return handle
+
+
+def test_a_join_lost_with_the_last_branchs_worker_is_redriven_by_the_sweep(
+        cluster_factory: Callable[..., Cluster]) -> None:
+    """The branch that keeps the last result joins the fork; its worker dies between the
+    two (the result is kept, the join never made): the sweep joins it after join_after."""
     c = cluster_factory()
-    c.worker("w1", 2, "-Q", DEFAULT_QUEUE)  # nobody consumes Gather's queue yet
-    handle = WorkflowRunner(flows.fan_out_far_gather, app=c.app).run({"width": 4},
-                                                                     run_id="lj1")
-    gather = step_queue(flows.fan_out_far_gather, flows.GATHER_QUEUE)
-    wait_for(lambda: rclient.llen(gather) == 1, 60,
-             what="the chord's body: Gather, told to join first")
-    rec = handle.record()
-    assert rec.fork is not None and rec.status is RunStatus.RUNNING
-    rclient.delete(gather)  # the body is lost: nothing will join the fork
+    handle = _forked_unjoined(c, "lj1")
     c.coordinator("coord")
-    c.worker("w2", 1, "-Q", flows.GATHER_QUEUE)
+    c.worker("w1", 2, "-Q", f"{DEFAULT_QUEUE},{flows.GATHER_QUEUE}")
     result = handle.result(timeout=60)
     assert result.status is RunStatus.COMPLETED
     assert result.output == [1, 2, 5, 10]
@@ -88,9 +119,26 @@ def test_lost_chord_body_is_redriven_by_the_sweep(cluster_factory: Callable[...,
     assert len(_history(handle, "joined")) == 1
 
 
+def test_a_chord_body_sent_by_an_older_version_joins_and_runs_the_step(
+        cluster_factory: Callable[..., Cluster]) -> None:
+    """Forks used to go out as Celery chords whose body was the step after the fork, told
+    to join first; a run forked then and upgraded in flight still completes through it."""
+    c = cluster_factory()
+    handle = _forked_unjoined(c, "lj2")
+    fork = handle.record().fork
+    c.app.send_task(f"{flows.fan_out_far_gather.name}.Gather", args=("lj2", fork.then_token),
+                    kwargs={"join": fork.token}, ignore_result=True,
+                    queue=step_queue(flows.fan_out_far_gather, flows.GATHER_QUEUE))
+    c.worker("w1", 1, "-Q", flows.GATHER_QUEUE)  # no coordinator: the body joins
+    result = handle.result(timeout=60)
+    assert result.status is RunStatus.COMPLETED and result.output == [1, 2, 5, 10]
+    assert len(_history(handle, "joined")) == 1
+    assert _history(handle, "join_redriven") == []
+
+
 def test_fan_outs_join_with_no_coordinator(cluster_factory: Callable[..., Cluster]) -> None:
     c = cluster_factory()
-    c.worker("w1", 2)  # the chord's body is Gather itself: it joins, then runs, on a worker
+    c.worker("w1", 2)  # the branch that keeps the last result joins, on a worker
     handle = WorkflowRunner(flows.fan_out, app=c.app).run({"width": 3}, run_id="cb1")
     result = handle.result(timeout=60)
     assert result.status is RunStatus.COMPLETED and result.output == [1, 2, 5]

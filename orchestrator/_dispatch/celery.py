@@ -1,11 +1,18 @@
-"""CeleryDispatcher: each step a task named `<Workflow>.<Step>` on its queue; a fork is a
-chord of branch tasks whose body is the step after the fork, which joins the run first.
+"""CeleryDispatcher: each step a task named `<Workflow>.<Step>` on its queue; a fork's
+branches go out as one Celery group.
+
+A fork is a chord whose counter is our store, not Celery's result backend: each branch
+keeps its result with `record_branch` (one script, which counts them), and the branch that
+keeps the last one joins the fork, whose commit sends the step after it. Celery's chord
+join would cost every branch another round trip (its counter script and the result it
+stores) and every fork a body message, and its failure modes (a lost counter, a hanging
+chord: celery #3363, #2725, #9674) are the ones the sweep's re-driven join covers here.
 
 Where the broker is the store's own Redis, the messages are not published after a commit
 but written by it (`outbox`): Celery builds each message (`amqp.create_task_message`, as
 `send_task` does), and the commit script LPUSHes it onto its queue as kombu's Redis
-transport would, with a chord's size set as Celery's Redis backend sets it. A step hop
-then costs one round trip less, and a commit can no longer stand without its messages.
+transport would. A step hop then costs one round trip less, and a commit can no longer
+stand without its messages.
 """
 
 from __future__ import annotations
@@ -20,8 +27,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
-from celery import Celery, chord
-from celery.backends.redis import RedisBackend
+from celery import Celery
 from kombu import Producer
 from kombu.utils.json import dumps as kombu_dumps
 
@@ -61,7 +67,10 @@ class CeleryDispatcher(Dispatcher):
             if isinstance(cmd, SendTask):
                 self._publish(cmd.workflow, cmd.version, cmd.run_id, cmd.task, producer)
             elif isinstance(cmd, SendFork):
-                self._send_chord(cmd, producer)
+                group_id = uuid.uuid4().hex  # one per group: a fork may send more than one
+                for index, task in enumerate(cmd.tasks):
+                    self._publish(cmd.workflow, cmd.version, cmd.run_id, task, producer,
+                                  group_id=group_id, group_index=index)
             elif isinstance(cmd, Revoke):
                 ids = [self.message_id(cmd.run_id, t) for t in cmd.tasks]
                 self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
@@ -76,7 +85,10 @@ class CeleryDispatcher(Dispatcher):
             if isinstance(cmd, SendTask):
                 writes.append(self._push(cmd.workflow, cmd.version, cmd.run_id, cmd.task))
             elif isinstance(cmd, SendFork):
-                writes += self._chord_writes(cmd)
+                group_id = uuid.uuid4().hex
+                writes += [self._push(cmd.workflow, cmd.version, cmd.run_id, task,
+                                      group_id=group_id, group_index=index)
+                           for index, task in enumerate(cmd.tasks)]
             else:
                 rest.append(cmd)
         return Outbox(tuple(writes)), rest
@@ -85,17 +97,17 @@ class CeleryDispatcher(Dispatcher):
     def _writes_queues(self) -> bool:
         """Whether a message can be written straight onto its queue: kombu's Redis
         transport with no key prefix, sent events or routes to honour (a publish would
-        apply them), and chords counted by Celery's Redis backend."""
+        apply them)."""
         conf = self.app.conf
         with self.app.connection_for_write() as conn:
             driver = conn.transport.driver_type
-        return (driver == "redis" and isinstance(self.app.backend, RedisBackend)
+        return (driver == "redis"
                 and not (conf.broker_transport_options or {}).get("global_keyprefix")
                 and not conf.task_send_sent_event and not conf.task_routes
                 and conf.task_default_priority is None and int(conf.task_protocol) == 2)
 
     def _push(self, workflow: str, version: str, run_id: str, task: Task,
-              **chord: Any) -> tuple[str, str, str]:
+              **group: Any) -> tuple[str, str, str]:
         """The LPUSH that sends one task: its message as kombu's Redis transport writes
         it (an anonymous-exchange publish, priority 0, so the key is the queue's name)."""
         name, options = self._message(workflow, version, run_id, task)
@@ -106,9 +118,9 @@ class CeleryDispatcher(Dispatcher):
             root_id = parent.request.root_id or parent.request.id
             parent_id = parent.request.id
         headers, properties, body, _ = self.app.amqp.create_task_message(
-            options["task_id"], name, args, kwargs, group_id=chord.get("group_id"),
-            group_index=chord.get("group_index"), chord=chord.get("chord"),
-            reply_to=self.app.thread_oid, time_limit=options.get("time_limit"),
+            options["task_id"], name, args, kwargs, group_id=group.get("group_id"),
+            group_index=group.get("group_index"), reply_to=self.app.thread_oid,
+            time_limit=options.get("time_limit"),
             soft_time_limit=options.get("soft_time_limit"), root_id=root_id,
             parent_id=parent_id, ignore_result=True, argsrepr=repr(args),
             kwargsrepr=repr(kwargs))
@@ -122,44 +134,6 @@ class CeleryDispatcher(Dispatcher):
                            "priority": 0, "body_encoding": "base64",
                            "delivery_tag": str(uuid.uuid4())}}
         return queue, "push", kombu_dumps(message)
-
-    def _chord_writes(self, cmd: SendFork) -> list[tuple[str, str, str]]:
-        """A chord as `_send_chord` sends it on the Redis backend: its size first (what
-        the backend's set_chord_size writes), then each branch's message."""
-        backend: Any = self.app.backend  # a RedisBackend (_writes_queues)
-        group_id = uuid.uuid4().hex
-        body = self._chord_body(cmd)
-        writes = [(_text(backend.get_key_for_group(group_id, ".c")), "del", ""),
-                  (_text(backend.get_key_for_group(group_id, ".s")),
-                   f"set:{backend.chord_expires or 0}", str(len(cmd.tasks)))]
-        writes += [self._push(cmd.workflow, cmd.version, cmd.run_id, task, chord=body,
-                              group_id=group_id, group_index=index)
-                   for index, task in enumerate(cmd.tasks)]
-        return writes
-
-    def _send_chord(self, cmd: SendFork, producer: Producer) -> None:
-        """A Celery chord whose body is the step after the fork, told to join first.
-
-        On the Redis result backend the header goes out as `group.apply_async` sends it (the
-        chord's size in the backend, then each task carrying the body), without building
-        the canvas, which costs more than the messages themselves."""
-        body = self._chord_body(cmd)
-        if not isinstance(self.app.backend, RedisBackend):
-            header = [self._signature(cmd.workflow, cmd.version, cmd.run_id, t)
-                      for t in cmd.tasks]
-            chord(header, body, app=self.app).apply_async(producer=producer)
-            return
-        group_id = uuid.uuid4().hex  # one per chord sent: a fork may send more than one
-        self.app.backend.set_chord_size(group_id, len(cmd.tasks))
-        for index, task in enumerate(cmd.tasks):
-            self._publish(cmd.workflow, cmd.version, cmd.run_id, task, producer, chord=body,
-                          group_id=group_id, group_index=index)
-
-    def _chord_body(self, cmd: SendFork) -> Any:
-        body = self._signature(cmd.workflow, cmd.version, cmd.run_id, cmd.then).set(
-            immutable=True)
-        body.kwargs["join"] = cmd.token
-        return body
 
     def queue_length(self, queue: str) -> int:
         try:
@@ -210,15 +184,10 @@ class CeleryDispatcher(Dispatcher):
             options["soft_time_limit"] = task.policy.timeout
             options["time_limit"] = task.policy.timeout + HARD_LIMIT_GRACE
         # Our store keeps every result. Ignoring Celery's saves a SUBSCRIBE/UNSUBSCRIBE
-        # per send and a SETEX + PUBLISH per task; a chord still counts its header,
-        # since Celery's backend runs on_chord_part_return whether or not it stores.
+        # per send and a SETEX + PUBLISH per task.
         options.update(queue=self.queue_of(workflow, version, task),
                        task_id=self.message_id(run_id, task), ignore_result=True)
         return name, options
-
-    def _signature(self, workflow: str, version: str, run_id: str, task: Task) -> Any:
-        name, options = self._message(workflow, version, run_id, task)
-        return self.app.signature(name, **options)
 
     def _publish(self, workflow: str, version: str, run_id: str, task: Task,
                  producer: Producer, **extra: Any) -> None:
@@ -229,10 +198,6 @@ class CeleryDispatcher(Dispatcher):
         self.app.send_task(name, producer=producer, add_to_parent=False,
                            argsrepr=repr(options["args"]),
                            kwargsrepr=repr(options.get("kwargs", {})), **options, **extra)
-
-
-def _text(key: str | bytes) -> str:
-    return key.decode() if isinstance(key, bytes) else key
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ and handles dropped) is collected, and its sweeper thread ends with it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import weakref
@@ -60,8 +59,9 @@ class LocalDispatcher(Dispatcher):
         for cmd in commands:
             if isinstance(cmd, SendTask):
                 self._submit(cmd.workflow, cmd.run_id, cmd.task)
-            elif isinstance(cmd, SendFork):
-                self._fork(cmd)
+            elif isinstance(cmd, SendFork):  # the branch that keeps the last result joins
+                for t in cmd.tasks:
+                    self._submit(cmd.workflow, cmd.run_id, t)
             elif isinstance(cmd, Revoke):
                 # Threads cannot be killed; the run no longer expects them, so whatever they
                 # return is ignored, and a branch not yet started skips itself.
@@ -93,28 +93,6 @@ class LocalDispatcher(Dispatcher):
             self.runtime.execute(workflow, run_id, token, branch, attempt=attempt)
         except Exception:
             log.exception("run %s: task %s failed in the runtime", run_id, token)
-
-    def _fork(self, cmd: SendFork) -> None:
-        """A chord in-process: the join is submitted when the last branch returns."""
-        remaining = [len(cmd.tasks)]
-
-        def part_done(_: Future[None]) -> None:
-            with self._lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last and not self._stopping.is_set():
-                # Shut down: the store keeps the fork, a sweep over it would join it.
-                with contextlib.suppress(RuntimeError):
-                    self._pool.submit(self._join, cmd.workflow, cmd.run_id, cmd.token)
-
-        for t in cmd.tasks:
-            self._submit(cmd.workflow, cmd.run_id, t).add_done_callback(part_done)
-
-    def _join(self, workflow: str, run_id: str, token: int) -> None:
-        try:
-            self.runtime.join(workflow, run_id, token)
-        except Exception:
-            log.exception("run %s: join failed", run_id)
 
     def close(self) -> None:
         """Stop: nothing more is sent, and the sweeper has finished its pass when this

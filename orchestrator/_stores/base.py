@@ -79,10 +79,9 @@ class Outbox:
     broker is the store's own Redis (`RunStore.sends_for`): the transition and what it
     sends then stand or fall together, and sending costs no round trip of its own.
 
-    Each write is (key, op, value): op "push" puts a message on a queue (a Redis list),
-    "del" deletes the key, "set:<seconds>" sets it to expire after that long (0: never).
-    With `announce_end`, the commit also does what `announce_end` does, in the same step
-    (the run ends with it, and nothing is carried out after it)."""
+    Each write is (queue, "push", message): the message goes onto the queue (a Redis
+    list). With `announce_end`, the commit also does what `announce_end` does, in the same
+    step (the run ends with it, and nothing is carried out after it)."""
 
     writes: tuple[tuple[str, str, str], ...] = ()
     announce_end: bool = False
@@ -154,7 +153,8 @@ class RunStore(abc.ABC):
                       join_at: float) -> int | None:
         """Keep a branch's result if fork `token` is still open and the branch has none yet:
         how many branches have results now, or None if this one was not kept. When the
-        last arrives, the run's timer moves to `join_at` (a lost chord join is re-driven)."""
+        last arrives, the run's timer moves to `join_at`, so that a join lost with the
+        worker that was to make it is re-driven."""
 
     @abc.abstractmethod
     def branch_results(self, run_id: str, token: int) -> dict[str, BranchResult]: ...

@@ -304,8 +304,8 @@ class RedisStore(RunStore):
         args: list[str | int] = [run_id, record_json(record), wf, repr(record.created_at),
                 "" if due is None else repr(due), self.history_limit, self.key_prefix,
                 *self._sealed(run_id, history, new=True)]
-        out_keys, out_args = _outbox_tail(outbox, self._ended(run_id))
-        return bool(self._acked(self._create, [*keys, *out_keys], [*args, *out_args]))
+        return bool(self._acked(self._create, keys,
+                                [*args, *_outbox_tail(outbox, self._ended(run_id))]))
 
     @unavailable_as_store_error
     def load(self, run_id: str) -> Loaded:
@@ -397,11 +397,10 @@ class RedisStore(RunStore):
                 "" if record.fork is None else str(record.fork.token), wf,
                 ended_as(previous, record) or "",
                 *(_wait_op(previous, record, kind) for kind in WAIT_KINDS)]
-        out_keys, out_args = _outbox_tail(outbox, self._ended(run_id))
-        keys += out_keys
+        out = _outbox_tail(outbox, self._ended(run_id))
         for _ in range(_CHAIN_RETRIES):
             done = int(self._acked(self._commit, keys,
-                                   [*args, *self._sealed(run_id, history), *out_args]))
+                                   [*args, *self._sealed(run_id, history), *out]))
             if done >= 0:
                 return bool(done)
         raise _chain_contended(run_id)
@@ -638,14 +637,13 @@ def _listed(run_id: str, doc: bytes | None) -> RunRecord | None:
         return None
 
 
-def _outbox_tail(outbox: Outbox | None, ended: str) -> tuple[list[str], list[str | int]]:
-    """The keys and arguments a script's send_outbox (lib.lua) reads at the end of its own;
-    `ended` is the channel announce_end publishes on."""
+def _outbox_tail(outbox: Outbox | None, ended: str) -> list[str | int]:
+    """The arguments a script's send_outbox (lib.lua) reads at the end of its own; `ended`
+    is the channel announce_end publishes on."""
     writes = outbox.writes if outbox is not None else ()
     if outbox is not None and outbox.announce_end:
         writes = (*writes, (ended, "publish", "ended"))
-    args: list[str | int] = [part for _, op, value in writes for part in (op, value)]
-    return [key for key, _, _ in writes], [*args, len(writes)]
+    return [*(part for name, op, value in writes for part in (op, name, value)), len(writes)]
 
 
 def _wait_op(previous: RunRecord, record: RunRecord, kind: str) -> str:

@@ -4,8 +4,7 @@
 -- KEYS[6] due   KEYS[7] gates   KEYS[8] runs:status:<previous>   KEYS[9] runs:status:<new>
 -- KEYS[10] runs:wf:<w>:status:<previous>   KEYS[11] runs:wf:<w>:status:<new>
 -- KEYS[12] expiry   KEYS[13] expiry:workflow   KEYS[14] totals:wf:<w>
--- KEYS[15] waits:wf:<w>:gate   KEYS[16] waits:wf:<w>:event   KEYS[17..] per-approver gate sets,
--- then the outbox's keys
+-- KEYS[15] waits:wf:<w>:gate   KEYS[16] waits:wf:<w>:event   KEYS[17..] per-approver gate sets
 -- ARGV[1] expected version   ARGV[2] doc   ARGV[3] run id   ARGV[4] created
 -- ARGV[5] due or ''   ARGV[6] retain seconds once finished (0: not finished)
 -- ARGV[7] gate op: 'open' | 'close' | ''   ARGV[8] open fork's token or ''
@@ -18,7 +17,7 @@ local v = redis.call('HGET', KEYS[1], 'v')
 if v ~= ARGV[1] then return 0 end
 if not chain_ok(KEYS[1], ARGV[13], ARGV[14]) then return -1 end
 local id = ARGV[3]
-local last_arg, last_key = send_outbox()
+local last_arg = send_outbox()
 redis.call('HSET', KEYS[1], 'v', tostring(tonumber(v) + 1), 'doc', ARGV[2], 'fork', ARGV[8])
 for i = 16, last_arg do append_history(KEYS[1], KEYS[2], KEYS[3], ARGV[i]) end
 chain_head(KEYS[1], ARGV[13], ARGV[15])
@@ -37,10 +36,10 @@ if KEYS[8] ~= KEYS[9] then
 end
 if ARGV[7] == 'open' then
   redis.call('SADD', KEYS[7], id)
-  for i = 17, last_key do redis.call('SADD', KEYS[i], id) end
+  for i = 17, #KEYS do redis.call('SADD', KEYS[i], id) end
 elseif ARGV[7] == 'close' then
   redis.call('SREM', KEYS[7], id)
-  for i = 17, last_key do redis.call('SREM', KEYS[i], id) end
+  for i = 17, #KEYS do redis.call('SREM', KEYS[i], id) end
 end
 if ARGV[10] ~= '' then redis.call('HINCRBY', KEYS[14], ARGV[10], 1) end
 for k = 0, 1 do

@@ -4,7 +4,7 @@
 -- KEYS[8] ids   KEYS[9] due   KEYS[10] expiry   KEYS[11] totals:wf:<w>
 -- ARGV[1] run id   ARGV[2] doc   ARGV[3] workflow   ARGV[4] created   ARGV[5] due or ''
 -- ARGV[6] history limit   ARGV[7] key prefix   ARGV[8..10] audit chain (see commit.lua)
--- ARGV[11..] history entries, then the outbox (send_outbox; its keys after KEYS[11])
+-- ARGV[11..] history entries, then the outbox (send_outbox)
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 -- A run of the same id expired and the purge has not run yet: forget it now, or the purge
 -- would take this run's entries with it.

@@ -63,32 +63,23 @@ end
 
 -- The messages a create or a commit sends when the broker is this same Redis, written in
 -- the same atomic step as the run (so a committed transition and its messages stand or
--- fall together). The last ARGV is how many writes n; they are the last n KEYS, each
--- with an (op, value) pair among the 2n ARGV before it: 'push' LPUSHes a task message
--- onto its queue, as kombu's Redis transport does; 'del' deletes; 'set:<s>' sets (a
--- chord's size), to expire after s seconds (0: never); 'publish' publishes on the channel
--- given as the key (the run's end), and only tries (an ACL may deny the channel). Those who
--- hear it read the run after the script, so it need not come last. Returns where the
--- caller's own ARGV and KEYS end.
+-- fall together). The last ARGV is how many writes n; the 3n ARGV before it are
+-- (op, name, value): 'push' LPUSHes a task message onto queue `name`, as kombu's Redis
+-- transport does; 'publish' publishes on channel `name` (the run's end), and only tries
+-- (an ACL may deny the channel). Those who hear it read the run after the script, so it
+-- need not come last. The queues are arguments, not KEYS: Redis checks a script's KEYS
+-- for reading and writing, and an app's user may only write to queues (docs/operations.md).
+-- Returns where the caller's own ARGV end.
 local function send_outbox()
   local n = tonumber(ARGV[#ARGV])
-  local k0, a0 = #KEYS - n, #ARGV - 1 - 2 * n
-  for i = 1, n do
-    local key, op, value = KEYS[k0 + i], ARGV[a0 + 2 * i - 1], ARGV[a0 + 2 * i]
+  local a0 = #ARGV - 1 - 3 * n
+  for i = 0, n - 1 do
+    local op, name, value = ARGV[a0 + 3 * i + 1], ARGV[a0 + 3 * i + 2], ARGV[a0 + 3 * i + 3]
     if op == 'push' then
-      redis.call('LPUSH', key, value)
-    elseif op == 'del' then
-      redis.call('DEL', key)
-    elseif op == 'publish' then
-      redis.pcall('PUBLISH', key, value)
+      redis.call('LPUSH', name, value)
     else
-      local ttl = tonumber(string.sub(op, 5))
-      if ttl > 0 then
-        redis.call('SET', key, value, 'EX', ttl)
-      else
-        redis.call('SET', key, value)
-      end
+      redis.pcall('PUBLISH', name, value)
     end
   end
-  return a0, k0
+  return a0
 end

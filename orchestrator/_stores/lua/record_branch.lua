@@ -2,7 +2,7 @@
 -- KEYS[1] record hash (field 'fork': the open fork's token)   KEYS[2] the fork's results
 -- KEYS[3] history head   KEYS[4] history tail   KEYS[5] lease to release   KEYS[6] due zset
 -- ARGV[1] fork token   ARGV[2] branch   ARGV[3] result   ARGV[4] history entry
--- ARGV[5] number of branches   ARGV[6] run id   ARGV[7] when to join if the chord's join is lost
+-- ARGV[5] number of branches   ARGV[6] run id   ARGV[7] when to join if the join is lost
 -- ARGV[8..10] audit chain (see commit.lua)
 -- Returns results recorded so far; -1 the fork is closed; -2 this branch was recorded
 -- already; -3 the audit chain moved on (nothing written: retry).
