@@ -30,6 +30,13 @@ def _parked(cluster: Cluster, run_id: str, **input: Any) -> Any:
     return handle
 
 
+def _acknowledged(rclient: redis.Redis) -> None:
+    """A run is parked once its step is committed, and the step's task done once its
+    message is acknowledged: a worker stopped in between (terminate signals its pool too)
+    gives the message back, and the queue would hold it beside the next step."""
+    wait_for(lambda: rclient.hlen("unacked") == 0, 30, what="every message acknowledged")
+
+
 def test_a_run_waits_visibly_for_a_worker_of_its_version_and_finishes_on_its_code(
         cluster_factory: Callable[..., Cluster], redis_url: str,
         rclient: redis.Redis) -> None:
@@ -37,6 +44,7 @@ def test_a_run_waits_visibly_for_a_worker_of_its_version_and_finishes_on_its_cod
     old.coordinator("coord")
     v1_worker = old.worker("v1a")
     handle = _parked(old, "roll1")
+    _acknowledged(rclient)
     v1_worker.terminate()  # the deploy: version 1's workers replaced by version 2's
     new.worker("v2a")
     client = Client(redis_url)
@@ -78,6 +86,7 @@ def test_an_upgrade_moves_runs_to_the_new_version_and_a_refused_one_changes_noth
     movable = _parked(old, "up1", count=3)
     stuck = _parked(old, "up2", count=-5)  # version 2's state refuses a negative count
     queued = _parked(old, "up3")
+    _acknowledged(rclient)
     v1_worker.terminate()
     new.worker("v2a")
     client = Client(redis_url)
