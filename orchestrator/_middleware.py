@@ -35,7 +35,9 @@ class Middleware:
     def after_commit(self, previous: RunRecord | None, record: RunRecord,
                      history: list[dict[str, Any]]) -> None:
         """A transition was committed (`previous` is None for a new run); `history` holds
-        the entries it appended (step_completed, failed, step_redispatched, ...)."""
+        the entries it appended (step_completed, failed, step_redispatched, ...). Where the
+        commit itself sent the next task (the outbox), that task may already be running
+        on another worker."""
 
     def on_ignored(self, run_id: str, what: str, reason: str) -> None:
         """A late, duplicate or stale completion was ignored."""
