@@ -57,6 +57,14 @@ def _new_run(run_id: str) -> tuple[Any, list[dict[str, Any]]]:
     return d.record, d.history
 
 
+def _stored(redis_url: str, run_id: str) -> tuple[RedisStore, Any, int]:
+    """A store with run `run_id` created in it: the store, the record, its version."""
+    store = RedisStore(redis_url, "t:")
+    record, history = _new_run(run_id)
+    assert store.create(record, history, None)
+    return store, record, store.load(run_id).version
+
+
 def test_outbox_messages_are_the_ones_celery_publishes(redis_url: str,
                                                        rclient: redis.Redis) -> None:
     """Field by field, after a round trip through a create script: so a Celery or kombu
@@ -86,10 +94,7 @@ def test_outbox_messages_are_the_ones_celery_publishes(redis_url: str,
 
 def test_a_commit_that_loses_its_version_race_sends_nothing(redis_url: str,
                                                             rclient: redis.Redis) -> None:
-    store = RedisStore(redis_url, "t:")
-    record, history = _new_run("run2")
-    assert store.create(record, history, None)
-    version = store.load("run2").version
+    store, record, version = _stored(redis_url, "run2")
     outbox = Outbox((("q", "push", "one"), ("q2", "push", "two")))
 
     assert not store.commit(record, version + 1, record, [], None, None, outbox)
@@ -99,7 +104,7 @@ def test_a_commit_that_loses_its_version_race_sends_nothing(redis_url: str,
     assert rclient.lrange("q", 0, -1) == [b"one"] and rclient.lrange("q2", 0, -1) == [b"two"]
     assert store.history("run2")[-1]["event"] == "x"  # the entries before the outbox's
     # A start that finds its run id taken sends nothing either.
-    assert not store.create(record, history, None, outbox)
+    assert not store.create(record, [], None, outbox)
     assert rclient.llen("q") == 1
 
 
@@ -132,10 +137,7 @@ def test_a_publish_that_would_do_more_is_not_replaced(redis_url: str) -> None:
 
 def test_a_commit_that_ends_the_run_announces_it_in_the_same_step(redis_url: str,
                                                                  rclient: redis.Redis) -> None:
-    store = RedisStore(redis_url, "t:")
-    record, history = _new_run("run4")
-    assert store.create(record, history, None)
-    version = store.load("run4").version
+    store, record, version = _stored(redis_url, "run4")
     pubsub = rclient.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("t:ended:{run4}")
     assert pubsub.get_message(timeout=1) is None  # the subscription is confirmed
@@ -150,9 +152,7 @@ def test_a_commit_that_ends_the_run_announces_it_in_the_same_step(redis_url: str
 
 def test_a_join_reads_the_results_and_the_run_in_one_go(redis_url: str,
                                                        rclient: redis.Redis) -> None:
-    store = RedisStore(redis_url, "t:")
-    record, history = _new_run("run5")
-    assert store.create(record, history, None)
+    store, _, _ = _stored(redis_url, "run5")
     done = BranchResult(output={"n": 1}, finished_at=2.0)
     rclient.hset("t:run:{run5}:fork:7", "a", done.model_dump_json())
     loaded, results = store.load_joining("run5", 7)
