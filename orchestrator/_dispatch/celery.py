@@ -67,10 +67,9 @@ class CeleryDispatcher(Dispatcher):
             if isinstance(cmd, SendTask):
                 self._publish(cmd.workflow, cmd.version, cmd.run_id, cmd.task, producer)
             elif isinstance(cmd, SendFork):
-                group_id = uuid.uuid4().hex  # one per group: a fork may send more than one
-                for index, task in enumerate(cmd.tasks):
+                for task, group in _grouped(cmd):
                     self._publish(cmd.workflow, cmd.version, cmd.run_id, task, producer,
-                                  group_id=group_id, group_index=index)
+                                  **group)
             elif isinstance(cmd, Revoke):
                 ids = [self.message_id(cmd.run_id, t) for t in cmd.tasks]
                 self.app.control.revoke(ids, terminate=True, signal="SIGTERM")
@@ -85,10 +84,8 @@ class CeleryDispatcher(Dispatcher):
             if isinstance(cmd, SendTask):
                 writes.append(self._push(cmd.workflow, cmd.version, cmd.run_id, cmd.task))
             elif isinstance(cmd, SendFork):
-                group_id = uuid.uuid4().hex
-                writes += [self._push(cmd.workflow, cmd.version, cmd.run_id, task,
-                                      group_id=group_id, group_index=index)
-                           for index, task in enumerate(cmd.tasks)]
+                writes += [self._push(cmd.workflow, cmd.version, cmd.run_id, task, **group)
+                           for task, group in _grouped(cmd)]
             else:
                 rest.append(cmd)
         return Outbox(tuple(writes)), rest
@@ -198,6 +195,14 @@ class CeleryDispatcher(Dispatcher):
         self.app.send_task(name, producer=producer, add_to_parent=False,
                            argsrepr=repr(options["args"]),
                            kwargsrepr=repr(options.get("kwargs", {})), **options, **extra)
+
+
+def _grouped(cmd: SendFork) -> Iterator[tuple[Task, dict[str, Any]]]:
+    """A fork's branch tasks, each with its place in the fork's Celery group (one group id
+    per send: a fork may send more than one)."""
+    group_id = uuid.uuid4().hex
+    for index, task in enumerate(cmd.tasks):
+        yield task, {"group_id": group_id, "group_index": index}
 
 
 @contextlib.contextmanager
